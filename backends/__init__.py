@@ -1,0 +1,1 @@
+"""Backends that consume prepared models: torch.compile, ONNX export, TensorRT."""

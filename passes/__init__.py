@@ -1,0 +1,1 @@
+"""Graph passes: capture a model as an FX graph, match quantizable sites, insert quantizers."""
