@@ -15,6 +15,8 @@ graphs or modules; argument checking lives in `qcompile.fake_quant`.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from qcompile.kernels import cpu
@@ -82,14 +84,24 @@ def _backward(ctx, grad):
 fake_quantize.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _register_triton_kernels() -> bool:
-    """Use the Triton kernels for CUDA tensors where triton is importable."""
-    try:
+def _triton_kernel(name: str):
+    """A CUDA kernel that imports the Triton module on first use (keeps `import qcompile` light)."""
+
+    def kernel(*args):
         from qcompile.kernels import triton_fake_quant
-    except ImportError:
+
+        return getattr(triton_fake_quant, name)(*args)
+
+    kernel.__name__ = f"triton_{name}"
+    return kernel
+
+
+def _register_triton_kernels() -> bool:
+    """Use the Triton kernels for CUDA tensors where triton is installed."""
+    if importlib.util.find_spec("triton") is None:
         return False
-    fake_quantize.register_kernel("cuda")(triton_fake_quant.fake_quantize)
-    fake_quantize_backward.register_kernel("cuda")(triton_fake_quant.fake_quantize_backward)
+    fake_quantize.register_kernel("cuda")(_triton_kernel("fake_quantize"))
+    fake_quantize_backward.register_kernel("cuda")(_triton_kernel("fake_quantize_backward"))
     return True
 
 
