@@ -53,9 +53,15 @@ def load(attn_implementation: str = "eager"):
     return SentenceEncoder(bert).eval(), tokenizer
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
-    """Padded token ids and attention mask for a batch of texts."""
+def tokenize(
+    tokenizer, texts: list[str], max_length: int = 128, pad_to_max: bool = False
+) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask for a batch of texts, padded to the longest (or max_length)."""
     batch = tokenizer(
-        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        texts,
+        padding="max_length" if pad_to_max else True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
     )
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
