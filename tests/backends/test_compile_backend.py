@@ -1,0 +1,80 @@
+"""The `qcompile` torch.compile backend: registered by entry point, decomposes our ops, exact."""
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import qcompile as qc
+from qcompile.formats import FORMATS
+
+STATIC = {"int8": True, "int4": False, "fp8": True, "nvfp4": True, "mxfp4": False, "mxfp8": False}
+
+
+class QuantizedMLP(torch.nn.Module):
+    """Activation and weight fake quantization around a Linear, with a learnable range."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.linear = torch.nn.Linear(128, 64)
+        amax = torch.tensor(2.5) if STATIC[fmt] else None
+        if qc.get_format(fmt).learnable_amax and amax is not None:
+            self.amax = torch.nn.Parameter(amax)
+        else:
+            self.register_buffer("amax", amax)
+
+    def forward(self, x):
+        x = torch.nn.functional.gelu(x)
+        x = qc.fake_quantize(x, self.fmt, amax=self.amax)
+        weight = qc.fake_quantize(self.linear.weight, self.fmt)
+        return torch.nn.functional.linear(x, weight, self.linear.bias)
+
+
+def test_backend_is_registered_by_entry_point():
+    assert "qcompile" in torch._dynamo.list_backends(exclude_tags=())
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_compiled_equals_eager_forward_and_gradients(fmt):
+    torch.manual_seed(0)
+    model = QuantizedMLP(fmt)
+    x = torch.randn(4, 7, 128) * 3
+    x[0, 0, :32] = 0  # an all-zero block
+    x.requires_grad_(True)
+    eager = model(x)
+    eager.square().sum().backward()
+    eager_grads = [t.grad.clone() for t in (x, *model.parameters())]
+    for t in (x, *model.parameters()):
+        t.grad = None
+
+    compiled = torch.compile(model, backend="qcompile", fullgraph=True)
+    out, codes = run_and_get_code(compiled, x)
+    out.square().sum().backward()
+    # Same quantized values; only the matmul's accumulation order may differ.
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for got, want in zip([t.grad for t in (x, *model.parameters())], eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The op was decomposed into fusable aten ops, not called opaquely.
+    calls = [line for code in codes for line in code.splitlines()
+             if "torch.ops.qcompile" in line and not line.strip().startswith("#")]
+    assert not calls
+
+
+def test_changing_amax_does_not_recompile():
+    torch._dynamo.reset()
+    model = QuantizedMLP("int8")
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(8, 128)
+    for step in range(3):
+        with torch.no_grad():
+            model.amax.fill_(1.0 + step)
+        compiled(x)
+    assert counter.frame_count == 1
+
+
+def test_unknown_option_is_refused():
+    model = QuantizedMLP("fp8")
+    compiled = torch.compile(model, backend="qcompile", options={"bogus": 1})
+    with pytest.raises(Exception, match="unknown qcompile backend options"):
+        compiled(torch.randn(2, 128))
