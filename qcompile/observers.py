@@ -261,7 +261,8 @@ class EntropyObserver(AmaxObserver):
     (i = 128 ... 2048) the reference distribution P is the first i bins with the clipped tail
     added to the last one; Q merges those bins into 128 int8 levels and spreads each level's
     count evenly over its non-empty bins. The amax is the threshold `i * bin_width` with the
-    smallest KL(P || Q).
+    smallest KL(P || Q), where i runs up to the bin holding max|x| (the histogram's range may
+    reach twice that).
     """
 
     LEVELS = 128
@@ -284,7 +285,8 @@ class EntropyObserver(AmaxObserver):
         counts = self.histogram.counts
         if self.histogram.range == 0:
             return torch.tensor(0.0)
-        thresholds = torch.arange(self.LEVELS, len(counts) + 1)
+        top = int(counts.nonzero().max()) + 1  # bins up to the one holding max|x|
+        thresholds = torch.arange(self.LEVELS, max(top, self.LEVELS) + 1)
         divergence = torch.cat(
             [self._kl(counts, chunk) for chunk in thresholds.split(self._CHUNK)]
         )
