@@ -162,8 +162,8 @@ def calibrate(
         )
     targets = [(n, q) for n, q in quantizers if q.enabled and q.spec.needs_calibration]
     if not targets:
-        formats = sorted({q.spec.format for _, q in quantizers if q.enabled})
-        reason = f"{', '.join(formats)} use dynamic scales" if formats else "all quantizers are disabled"
+        formats = ", ".join(sorted({q.spec.format for _, q in quantizers if q.enabled}))
+        reason = f"{formats} use dynamic scales" if formats else "all quantizers are disabled"
         warnings.warn(f"no calibration needed: {reason}", CalibrationWarning, stacklevel=2)
         return model
 

@@ -42,9 +42,10 @@ def test_max_per_tensor_is_running_abs_max():
 
 def test_max_per_channel_follows_axis():
     x = torch.tensor([[1.0, -4.0, 0.5], [-2.0, 3.0, 0.25]])
-    assert torch.equal(observed(MaxObserver(QuantSpec("int8", axis=0)), x), torch.tensor([4.0, 3.0]))
-    rows = observed(MaxObserver(QuantSpec("int8", axis=-1)), x, -2 * x)
-    assert torch.equal(rows, torch.tensor([4.0, 8.0, 1.0]))
+    rows = observed(MaxObserver(QuantSpec("int8", axis=0)), x)
+    assert torch.equal(rows, torch.tensor([4.0, 3.0]))
+    columns = observed(MaxObserver(QuantSpec("int8", axis=-1)), x, -2 * x)
+    assert torch.equal(columns, torch.tensor([4.0, 8.0, 1.0]))
 
 
 def test_max_per_block_for_int4():
