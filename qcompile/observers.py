@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import math
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
@@ -65,7 +66,7 @@ def reduce_per_amax(
     return getattr(blocks, reduce)(dim=-1)
 
 
-class AmaxObserver:
+class AmaxObserver(ABC):
     """Base class: checks each tensor, skips empty ones, and hands the rest to `_update`.
 
     `name` names the quantizer's site in error messages. Subclasses implement `_update(x)`
@@ -78,13 +79,14 @@ class AmaxObserver:
         self.num_batches = 0
 
     def observe(self, x: torch.Tensor) -> None:
+        """Record x's statistics; an empty x is skipped, NaN or inf raise a ValueError."""
         if x.numel() == 0:
             return
         if not torch.isfinite(x).all():
             bad = "NaN" if torch.isnan(x).any() else "inf"
             raise ValueError(
                 f"calibration input of {self.name} contains {bad}; clean the calibration data "
-                f"or check the model for overflow (e.g. an fp16 activation past 65504) before "
+                "or check the model for overflow (e.g. an fp16 activation past 65504) before "
                 "calibrating"
             )
         self._update(x)
@@ -96,11 +98,11 @@ class AmaxObserver:
             raise RuntimeError(f"{self.name} observed no data; run calibration data through it")
         return self._compute().float()
 
-    def _update(self, x: torch.Tensor) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _update(self, x: torch.Tensor) -> None: ...
 
-    def _compute(self) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def _compute(self) -> torch.Tensor: ...
 
     def _require_per_tensor(self, method: str, instead: str) -> None:
         if granularity(self.spec) is not Granularity.TENSOR:
@@ -140,7 +142,8 @@ class MagnitudeHistogram:
 
     Doubling the range merges pairs of bins exactly, so counts are never redistributed
     approximately; the price is resolution: the final bin width is `range / bins` with
-    `max|x| <= range < 2 * max|x|`.
+    `max|x| <= range < 2 * max|x|`. The counts live on the CPU; the binning runs on the
+    data's device.
     """
 
     def __init__(self, bins: int = 2048) -> None:
@@ -153,7 +156,7 @@ class MagnitudeHistogram:
         return self.range / self.bins
 
     def add(self, magnitude: torch.Tensor) -> None:
-        magnitude = magnitude.detach().flatten().float().cpu()
+        magnitude = magnitude.detach().flatten().float()
         top = magnitude.max().item()
         if top >= self.range and top > 0:
             self._grow(top)
@@ -161,7 +164,7 @@ class MagnitudeHistogram:
             self.counts[0] += magnitude.numel()
             return
         index = (magnitude / self.bin_width).long().clamp(max=self.bins - 1)
-        self.counts += torch.bincount(index, minlength=self.bins).double()
+        self.counts += torch.bincount(index, minlength=self.bins).cpu().double()
 
     def _grow(self, top: float) -> None:
         if self.range == 0:
