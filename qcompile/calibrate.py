@@ -1,0 +1,190 @@
+"""`qcompile.calibrate`: post-training calibration of the static amax of a prepared model.
+
+This module owns the calibration run: finding the quantizers that need a static amax,
+attaching an observer to each, running the data through the model in eval mode without
+gradients, and installing the amax each observer computes, or, on any error, leaving the
+model as it was. The statistics live in `qcompile.observers`; this module knows nothing of
+formats beyond `QuantSpec.needs_calibration`. Messages that are information, not errors, go
+through `warnings` as `CalibrationWarning`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qcompile.observers import AmaxObserver, check_percentile, get_observer_class
+from qcompile.quantizer import Quantizer
+
+CalibrationData = Iterable[Any] | Callable[[nn.Module], Any]
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration had nothing to do, or some quantizers saw no data."""
+
+
+def named_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    """Every quantizer of `model`, labelled with its site and role ("encoder.q (input)").
+
+    Read from `model.qcompile_sites` when the model was prepared by qcompile; otherwise every
+    `Quantizer` submodule, labelled with its module path.
+    """
+    sites = getattr(model, "qcompile_sites", None)
+    if sites is None:
+        return [(path, m) for path, m in model.named_modules() if isinstance(m, Quantizer)]
+    found: dict[int, tuple[str, Quantizer]] = {}
+    for site in sites:
+        for role, path in site.quantizers.items():
+            quantizer = model.get_submodule(path)
+            found.setdefault(id(quantizer), (f"{site.name} ({role})", quantizer))
+    return list(found.values())
+
+
+def _run_batch(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def _run_data(
+    model: nn.Module, data: CalibrationData, num_batches: int | None, progress: bool
+) -> None:
+    """Feed `data` to `model`: an iterable of batches, or a forward loop `data(model)`."""
+    if isinstance(data, torch.Tensor):
+        raise TypeError(
+            "calibration data must be an iterable of batches or a forward loop, not one tensor "
+            "(iterating it would feed its rows one by one); pass [x] for a single batch"
+        )
+    if callable(data) and not isinstance(data, Iterable):
+        if num_batches is not None:
+            raise ValueError(
+                "num_batches applies to an iterable of batches; a forward loop decides itself "
+                "how many batches it runs"
+            )
+        with tqdm(desc="calibrating", unit="batch", disable=not progress) as bar:
+            hook = model.register_forward_pre_hook(lambda *_: bar.update())
+            try:
+                data(model)
+            finally:
+                hook.remove()
+        return
+    total = len(data) if hasattr(data, "__len__") else None
+    if num_batches is not None:
+        data = itertools.islice(data, num_batches)
+        total = num_batches if total is None else min(total, num_batches)
+    for batch in tqdm(data, total=total, desc="calibrating", unit="batch", disable=not progress):
+        _run_batch(model, batch)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad inside; every module's previous train/eval flag restored after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(modes[model])
+        for module, training in modes.items():
+            module.training = training
+
+
+@contextmanager
+def _attached(observers: dict[Quantizer, AmaxObserver]) -> Iterator[None]:
+    """Observers attached for the duration; removed afterwards, also on error."""
+    for quantizer, observer in observers.items():
+        quantizer.observer = observer
+    try:
+        yield
+    finally:
+        for quantizer in observers:
+            quantizer.observer = None
+
+
+def _check_num_batches(num_batches: int | None) -> None:
+    if num_batches is None:
+        return
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches <= 0:
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+
+
+def calibrate(
+    model: nn.Module,
+    data: CalibrationData,
+    method: str = "max",
+    *,
+    percentile: float | None = None,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Calibrate the static amax of every enabled quantizer of `model` that needs one.
+
+    Args:
+        model: a prepared model (or any module holding `Quantizer` submodules).
+        data: an iterable of batches (a dict is passed as keyword arguments, a tuple or list
+            as positional arguments, anything else as the only argument), or a forward loop
+            `data(model)` that runs the model itself.
+        method: "max", "percentile", "mse" or "entropy" (see `qcompile.observers`).
+        percentile: for method="percentile", in (0, 100]; default 99.99.
+        num_batches: stop after this many batches of an iterable.
+        progress: show a tqdm progress bar.
+
+    Runs in eval mode under `torch.no_grad()` and restores every module's train/eval mode.
+    On error no amax changes and no observer stays attached. Returns `model`.
+    """
+    observer_class = get_observer_class(method)
+    options = {}
+    if percentile is not None:
+        if method != "percentile":
+            raise ValueError(
+                f"percentile= applies to method='percentile', not {method!r}; drop it or "
+                "pass method='percentile'"
+            )
+        options["percentile"] = check_percentile(percentile)
+    _check_num_batches(num_batches)
+
+    quantizers = named_quantizers(model)
+    if not quantizers:
+        raise ValueError(
+            "the model has no quantizers to calibrate; prepare it first with "
+            "qcompile.prepare(model, recipe, example_inputs)"
+        )
+    targets = [(n, q) for n, q in quantizers if q.enabled and q.spec.needs_calibration]
+    if not targets:
+        formats = ", ".join(sorted({q.spec.format for _, q in quantizers if q.enabled}))
+        reason = f"{formats} use dynamic scales" if formats else "all quantizers are disabled"
+        warnings.warn(f"no calibration needed: {reason}", CalibrationWarning, stacklevel=2)
+        return model
+
+    observers = {q: observer_class(q.spec, name, **options) for name, q in targets}
+    with _eval_mode(model), _attached(observers):
+        _run_data(model, data, num_batches, progress)
+
+    unobserved = [name for name, q in targets if observers[q].num_batches == 0]
+    if len(unobserved) == len(targets):
+        raise ValueError(
+            "calibration data is empty: no batch reached the quantizers; pass a non-empty "
+            "iterable of batches or a forward loop that runs the model on data"
+        )
+    if unobserved:
+        warnings.warn(
+            f"{len(unobserved)} quantizers saw no calibration data and stay uncalibrated: "
+            f"{', '.join(unobserved)}; make sure the data exercises these sites",
+            CalibrationWarning,
+            stacklevel=2,
+        )
+    amaxes = {q: obs.compute_amax() for q, obs in observers.items() if obs.num_batches}
+    for quantizer, amax in amaxes.items():
+        quantizer.set_amax(amax)
+    return model

@@ -1,0 +1,132 @@
+"""`qcompile.report`: one row per site of a prepared model, as data and as a text table.
+
+This module owns what a user reads about a prepared model: each site's name, op kind, the
+format of each quantized input, the calibrated amax (or why there is none), and whether the
+site is quantized, excluded or unsupported, with the reason. It reads `model.qcompile_sites`
+and the quantizers' state; it changes nothing and knows nothing of how the model was built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from torch import nn
+
+from qcompile.formats import get_format
+from qcompile.observers import Granularity, granularity
+from qcompile.passes.sites import ROLES, Site
+from qcompile.quantizer import Quantizer
+
+NONE = "-"
+
+
+@dataclass(frozen=True)
+class SiteRow:
+    """One site: formats per input role ("-": not quantized) and the amax summary."""
+
+    site: str
+    kind: str
+    weight: str
+    input: str
+    other: str
+    amax: str
+    status: str
+    reason: str
+
+
+@dataclass(frozen=True, repr=False)
+class Report:
+    """The rows of `report(model)`; `str()` (and the REPL) show them as an aligned table."""
+
+    rows: list[SiteRow]
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        return [asdict(row) for row in self.rows]
+
+    def __str__(self) -> str:
+        return format_report(self.rows)
+
+    __repr__ = __str__
+
+
+def describe_format(quantizer: Quantizer) -> str:
+    """The format with its granularity ("int8 axis=0", "int4 block=128"); "(off)" if disabled."""
+    spec = quantizer.spec
+    text = spec.format
+    if granularity(spec) is Granularity.CHANNEL:
+        text += f" axis={spec.axis}"
+    elif granularity(spec) is Granularity.BLOCK:
+        text += f" block={get_format(spec.format).resolve_block_size(spec.block_size)}"
+    return text if quantizer.enabled else f"{text} (off)"
+
+
+def describe_amax(quantizer: Quantizer) -> str:
+    """The amax as text: dynamic, uncalibrated, one value, or min..max (n) of n values."""
+    if quantizer.spec.dynamic:
+        return "dynamic"
+    if not quantizer.calibrated:
+        return "uncalibrated"
+    amax = quantizer.amax.detach().float()
+    if amax.numel() == 1:
+        return f"{amax.item():.4g}"
+    return f"{amax.min().item():.4g}..{amax.max().item():.4g} ({amax.numel()})"
+
+
+def _row(name: str, kind: str, status: str, reason: str, by_role: dict[str, Quantizer]) -> SiteRow:
+    formats = {role: describe_format(q) for role, q in by_role.items()}
+    amax = ", ".join(f"{role}={describe_amax(q)}" for role, q in by_role.items()) or NONE
+    return SiteRow(
+        site=name,
+        kind=kind,
+        weight=formats.get("weight", NONE),
+        input=formats.get("input", NONE),
+        other=formats.get("other", NONE),
+        amax=amax,
+        status=status,
+        reason=reason,
+    )
+
+
+def _site_row(model: nn.Module, site: Site) -> SiteRow:
+    by_role = {role: model.get_submodule(path) for role, path in site.quantizers.items()}
+    return _row(site.name, site.kind.value, site.status.value, site.reason, by_role)
+
+
+def _role_from_path(path: str) -> str:
+    """A hand-built module's quantizer role, guessed from its attribute name ("input")."""
+    attribute = path.rsplit(".", 1)[-1]
+    return next((role for role in ROLES if role in attribute), "input")
+
+
+def report_rows(model: nn.Module) -> list[SiteRow]:
+    """One row per site of `model.qcompile_sites`, in order.
+
+    A module without `qcompile_sites` gets one row per `Quantizer` submodule, named by its
+    path, with its role guessed from the attribute name ("weight_quantizer" -> weight).
+    """
+    sites = getattr(model, "qcompile_sites", None)
+    if sites is not None:
+        return [_site_row(model, site) for site in sites]
+    return [
+        _row(path, NONE, "quantized", "", {_role_from_path(path): module})
+        for path, module in model.named_modules()
+        if isinstance(module, Quantizer)
+    ]
+
+
+def format_report(rows: list[SiteRow]) -> str:
+    """An aligned text table of `rows` with a header and a one-line summary."""
+    header = [f.name for f in fields(SiteRow)]
+    table = [header] + [[getattr(row, name) for name in header] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    counts = {status: sum(row.status == status for row in rows)
+              for status in ("quantized", "excluded", "unsupported")}
+    summary = f"{len(rows)} sites: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+    return "\n".join([*lines, summary])
+
+
+def report(model: nn.Module) -> Report:
+    """The sites of a prepared model, their formats, amax and status; print it for a table."""
+    return Report(report_rows(model))
