@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qcompile.batches import call_with_batch
 from qcompile.observers import AmaxObserver, check_percentile, get_observer_class
 from qcompile.quantizer import Quantizer
 
@@ -45,15 +46,6 @@ def named_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
             quantizer = model.get_submodule(path)
             found.setdefault(id(quantizer), (f"{site.name} ({role})", quantizer))
     return list(found.values())
-
-
-def _run_batch(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
 
 
 def _run_data(
@@ -83,7 +75,7 @@ def _run_data(
         data = itertools.islice(data, num_batches)
         total = num_batches if total is None else min(total, num_batches)
     for batch in tqdm(data, total=total, desc="calibrating", unit="batch", disable=not progress):
-        _run_batch(model, batch)
+        call_with_batch(model, batch)
 
 
 @contextmanager
