@@ -176,10 +176,14 @@ class Distiller(nn.Module):
         return _feature_loss(self.loss, teacher, student)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.compute_loss(self.student, *args, **kwargs)
+
+    def compute_loss(self, student: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The loss with the student called through `student` (e.g. a DDP-wrapped copy)."""
         with torch.no_grad():
             t_args, t_kwargs = self._teacher_inputs(args, kwargs)
             teacher_output = self.teacher(*t_args, **t_kwargs)
-        student_output = self.student(*args, **kwargs)
+        student_output = student(*args, **kwargs)
         loss = self.output_loss(teacher_output, student_output)
         teacher_features = self._teacher_features.pop()
         student_features = self._student_features.pop()
