@@ -96,9 +96,13 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
 
 
 def _symbolic_trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    gm = fx.symbolic_trace(model)
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     bound.apply_defaults()
+    constants = {  # arguments that hold no tensor are fixed, as export would fix them
+        name: value for name, value in bound.arguments.items()
+        if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+    }
+    gm = fx.symbolic_trace(model, concrete_args=constants)
     ShapeProp(gm).propagate(*bound.arguments.values())  # shapes for match, and a test run
     return gm
 
