@@ -61,6 +61,11 @@ def _as_prepared(gm: fx.GraphModule, sites: list[Site], recipe: Recipe) -> Prepa
         pass
 
     gm.__class__ = GraphModuleImpl
+    # ExportedProgram.module() insists that each argument comes exactly as in the example
+    # (positional or keyword); the generated forward binds them by name, so let it.
+    for key, hook in list(gm._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del gm._forward_pre_hooks[key]
     preserved = gm.meta.setdefault(_PRESERVED, {})
     preserved.update(qcompile_sites=sites, qcompile_recipe=recipe)
     gm.qcompile_sites = sites
