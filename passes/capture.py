@@ -144,7 +144,7 @@ def _where(error: BaseException) -> str:
     """' at file:line in function: `code`' for the innermost frame in the user's code."""
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
         path = os.path.abspath(frame.filename)
-        if not path.startswith(_LIBRARY_DIRS):
+        if os.path.isfile(path) and not path.startswith(_LIBRARY_DIRS):
             code = f": `{frame.line.strip()}`" if frame.line else ""
             return f" at {frame.filename}:{frame.lineno} in {frame.name}{code}"
     return ""

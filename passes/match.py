@@ -91,9 +91,10 @@ def _dim(node: Any, axis: int) -> int | None:
     return int(size) if is_concrete_int(size) else None
 
 
-def _is_tensor(node: fx.Node) -> bool:
-    val = node.meta.get("val", node.meta.get("tensor_meta"))
-    return val is None or isinstance(val, torch.Tensor) or hasattr(val, "shape")
+def _carries_data(node: fx.Node) -> bool:
+    """False for nodes that compute a size or a number (`sym_size`), not tensors."""
+    val = node.meta.get("val")
+    return not isinstance(val, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def _is_float(node: Any) -> bool:
@@ -108,7 +109,7 @@ def activations(graph: fx.Graph) -> set[fx.Node]:
     found: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op == "placeholder" or any(
-            arg in found and _is_tensor(arg) for arg in node.all_input_nodes
+            arg in found and _carries_data(arg) for arg in node.all_input_nodes
         ):
             found.add(node)
     return found
