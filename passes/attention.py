@@ -18,7 +18,7 @@ import torch
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
-from qcompile.passes.match import SDPA_OPS, _is, shape
+from qcompile.passes.match import SDPA_OPS, is_target, shape
 
 aten = torch.ops.aten
 
@@ -26,7 +26,7 @@ aten = torch.ops.aten
 def decompose_sdpa(gm: fx.GraphModule, node_names: Collection[str]) -> fx.GraphModule:
     """Replace the SDPA nodes named in `node_names` by explicit math; returns `gm`."""
     for node in list(gm.graph.nodes):
-        if node.name in node_names and _is(node.target, SDPA_OPS):
+        if node.name in node_names and is_target(node.target, SDPA_OPS):
             _decompose(gm.graph, node)
     gm.recompile()
     return gm

@@ -42,7 +42,8 @@ SDPA_OPS = frozenset({aten.scaled_dot_product_attention.default, F.scaled_dot_pr
 Position = tuple[int, ...]
 
 
-def _is(target: Any, ops: frozenset) -> bool:
+def is_target(target: Any, ops: frozenset) -> bool:
+    """Whether a node target is one of `ops` (targets may be unhashable callables)."""
     try:
         return target in ops
     except TypeError:  # unhashable targets
@@ -51,10 +52,10 @@ def _is(target: Any, ops: frozenset) -> bool:
 
 def operand_positions(node: fx.Node) -> dict[str, Position]:
     """Role -> position in `node.args` of each quantizable operand of a site's node."""
-    if _is(node.target, EINSUM_OPS):
+    if is_target(node.target, EINSUM_OPS):
         nested = isinstance(node.args[1], (list, tuple))
         return {"input": (1, 0), "other": (1, 1)} if nested else {"input": (1,), "other": (2,)}
-    second = "other" if _is(node.target, MATMUL_OPS) else "weight"
+    second = "other" if is_target(node.target, MATMUL_OPS) else "weight"
     return {"input": (0,), second: (1,)}
 
 
@@ -143,19 +144,19 @@ def _einsum_axes(equation: str) -> tuple[int, int] | None:
 def _describe(node: fx.Node, data: set[fx.Node]) -> list[tuple[SiteKind, dict[str, int], int | None]]:
     """(kind, reduction axis per role, K) for each site at `node` (two for attention)."""
     args = node.args
-    if _is(node.target, LINEAR_OPS):
+    if is_target(node.target, LINEAR_OPS):
         return [(SiteKind.LINEAR, {"input": -1, "weight": -1}, _dim(args[0], -1) or _dim(args[1], -1))]
-    if _is(node.target, CONV_OPS):
+    if is_target(node.target, CONV_OPS):
         return [(SiteKind.CONV, {"input": 1, "weight": 1}, None)]
-    if _is(node.target, SDPA_OPS):
+    if is_target(node.target, SDPA_OPS):
         query, key = args[0], args[1]
         return [
             (SiteKind.MATMUL, {"input": -1, "other": -1}, _dim(query, -1)),
             (SiteKind.MATMUL, {"input": -1, "other": -2}, _dim(key, -2)),
         ]
-    if _is(node.target, MATMUL_OPS):
+    if is_target(node.target, MATMUL_OPS):
         axes = {"input": -1, "other": -2 if len(shape(args[1]) or (0, 0)) >= 2 else -1}
-    elif _is(node.target, EINSUM_OPS):
+    elif is_target(node.target, EINSUM_OPS):
         found = _einsum_axes(args[0])
         if found is None:
             return []

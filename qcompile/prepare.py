@@ -20,7 +20,7 @@ from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.capture import capture
 from qcompile.passes.devices import retarget_devices
 from qcompile.passes.insert import insert_quantizers
-from qcompile.passes.match import SDPA_OPS, _is, assign_specs, find_sites
+from qcompile.passes.match import SDPA_OPS, assign_specs, find_sites, is_target
 from qcompile.passes.sites import Site, SiteStatus
 from qcompile.passes.train_mode import bind_training_mode
 from qcompile.recipe import Recipe, get_recipe
@@ -121,5 +121,5 @@ def _quantized_attention(gm: fx.GraphModule, sites: list[Site]) -> set[str]:
     targets = {node.name: node.target for node in gm.graph.nodes}
     return {
         site.node_name for site in sites
-        if site.status is SiteStatus.QUANTIZED and _is(targets[site.node_name], SDPA_OPS)
+        if site.status is SiteStatus.QUANTIZED and is_target(targets[site.node_name], SDPA_OPS)
     }
