@@ -42,3 +42,8 @@ class Site:
     specs: dict[str, QuantSpec] = field(default_factory=dict)
     #: role -> dotted path of the Quantizer submodule in the prepared model.
     quantizers: dict[str, str] = field(default_factory=dict)
+    #: role -> the axis of that operand which the op reduces (K): -1 for activations and for
+    #: [out, in] weights, -2 for the second operand of a matmul. Block scales run along it.
+    reduction_axes: dict[str, int] = field(default_factory=dict)
+    #: K, the length of the reduced axis; None where it is dynamic or unknown.
+    reduction_size: int | None = None

@@ -1,0 +1,155 @@
+"""Capture: turn an `nn.Module` into an FX `GraphModule`, or explain why it cannot be.
+
+`capture` is the one place that calls `torch.export` (non-strict, training IR, so dropout and
+batch-norm are still there to train) and, only where export fails, `torch.fx.symbolic_trace`
+with a warning. It captures a copy of the model in training mode, so the caller's model is
+never touched and every train-time op is in the graph (`passes.train_mode` makes them follow
+`.train()`/`.eval()` again). Failures become a `CaptureError` that names the construct, where
+it is in the user's code, and what to write instead. Nothing here knows about quantization.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import traceback
+import warnings
+from typing import Any
+
+import torch
+from torch import fx
+from torch.export import Dim
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
+
+import qcompile
+
+#: Frames in these directories are ours or torch's, never the construct to report.
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep
+    for path in (torch.__file__, qcompile.__file__, __file__)
+)
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a graph; the message says why and what to do."""
+
+
+def capture(
+    model: torch.nn.Module,
+    args: tuple = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    dynamic: bool = True,
+) -> fx.GraphModule:
+    """Capture a training-mode copy of `model` called as `model(*args, **kwargs)`.
+
+    With `dynamic=True` every dimension of every example tensor may vary (torch.export's
+    `Dim.AUTO`: dimensions the model fixes, and sizes 0 and 1, are specialized), so the graph
+    accepts other batch sizes and sequence lengths. The returned module is `ep.module()`, or a
+    `symbolic_trace` module (with a warning) where export fails but tracing works.
+    """
+    args, kwargs = _check_example_inputs(args, kwargs)
+    model = copy.deepcopy(model).train()
+    try:
+        return _export(model, args, kwargs, dynamic)
+    except Exception as export_error:  # noqa: BLE001 - every export failure is explained
+        try:
+            gm = _symbolic_trace(model, args, kwargs)
+        except Exception:  # noqa: BLE001 - the export error is the one worth reporting
+            raise _explain(model, args, kwargs, export_error) from export_error
+        warnings.warn(
+            f"torch.export could not capture {type(model).__name__} "
+            f"({_first_line(export_error)}); fell back to torch.fx.symbolic_trace. Python "
+            "branches (including on self.training) are fixed as traced, and shapes as given.",
+            stacklevel=3,
+        )
+        return gm
+
+
+def _check_example_inputs(args, kwargs) -> tuple[tuple, dict[str, Any]]:
+    if isinstance(args, torch.Tensor):
+        raise TypeError("example_inputs must be a tuple of positional arguments: write (x,)")
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"example_inputs must be a tuple, got {type(args).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(f"example_kwargs must be a dict, got {type(kwargs).__name__}")
+    return tuple(args), dict(kwargs or {})
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {
+        name: pytree.tree_map(
+            lambda x: {d: Dim.AUTO for d in range(x.ndim)} if isinstance(x, torch.Tensor) else None,
+            value,
+        )
+        for name, value in bound.arguments.items()
+    }
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
+    program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+    return program.module()
+
+
+def _symbolic_trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    constants = {  # arguments that hold no tensor are fixed, as export would fix them
+        name: value for name, value in bound.arguments.items()
+        if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+    }
+    gm = fx.symbolic_trace(model, concrete_args=constants)
+    ShapeProp(gm).propagate(*bound.arguments.values())  # shapes for match, and a test run
+    return gm
+
+
+def _explain(model: torch.nn.Module, args: tuple, kwargs: dict, error: Exception) -> CaptureError:
+    name = type(model).__name__
+    eager_error = _eager_failure(model, args, kwargs)
+    if eager_error is not None:
+        return CaptureError(
+            f"cannot capture {name}: the model itself fails on the example inputs"
+            f"{_where(eager_error)}: {type(eager_error).__name__}: {_first_line(eager_error)}. "
+            "Fix example_inputs / example_kwargs so that model(*example_inputs, "
+            "**example_kwargs) runs."
+        )
+    if "data-dependent" in str(error) or "data dependent" in str(error):
+        return CaptureError(
+            f"cannot capture {name}: data-dependent control flow{_where(error)} (a Python "
+            "branch, .item() or .tolist() on a tensor's value). Use torch.cond for the branch, "
+            "compute it from shapes instead of values, or move it out of forward()."
+        )
+    return CaptureError(
+        f"cannot capture {name}: torch.export cannot trace a construct{_where(error)}: "
+        f"{type(error).__name__}: {_first_line(error)}. Rewrite it with torch operations, or "
+        "move it out of forward()."
+    )
+
+
+def _eager_failure(model: torch.nn.Module, args: tuple, kwargs: dict) -> Exception | None:
+    model.eval()  # a throwaway copy; eval so that batch-norm statistics stay put
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - any failure means the inputs do not fit
+        return error
+    return None
+
+
+def _where(error: BaseException) -> str:
+    """' at file:line in function: `code`' for the innermost frame in the user's code."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = os.path.abspath(frame.filename)
+        if os.path.isfile(path) and not path.startswith(_LIBRARY_DIRS):
+            code = f": `{frame.line.strip()}`" if frame.line else ""
+            return f" at {frame.filename}:{frame.lineno} in {frame.name}{code}"
+    return ""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,219 @@
+"""Match: find the quantizable sites of a captured graph and give each its specs.
+
+`find_sites` walks a graph (torch.export's aten IR or symbolic_trace's torch IR) and returns
+one `Site` per Linear (`aten.linear`, `F.linear`; see `passes.canonicalize` for modules and
+GPT-2's `Conv1D`), activation-activation matmul (`@`, `matmul`, `bmm`, `mm`, an `einsum`
+that contracts one index, the two products inside `scaled_dot_product_attention`) and
+convolution (conv1d/conv2d). Names come from `node.meta["nn_module_stack"]`: a module's only
+Linear is named by the module path (`encoder.layer.0.attention.self.query`), otherwise
+`<path>.<kind>_<i>` in graph order (`encoder.layer.0.attention.self.matmul_0`).
+`assign_specs` applies a `Recipe`. Neither changes the graph.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections import defaultdict
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from qcompile.formats import get_format
+from qcompile.passes.sites import Site, SiteKind, SiteStatus
+from qcompile.recipe import Recipe
+
+aten = torch.ops.aten
+
+LINEAR_OPS = frozenset({aten.linear.default, F.linear})
+CONV_OPS = frozenset({aten.conv1d.default, aten.conv2d.default, F.conv1d, F.conv2d})
+MATMUL_OPS = frozenset({
+    aten.matmul.default, aten.bmm.default, aten.mm.default,
+    torch.matmul, torch.bmm, torch.mm, operator.matmul,
+})
+EINSUM_OPS = frozenset({aten.einsum.default, torch.einsum})
+SDPA_OPS = frozenset({aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention})
+
+#: Where an operand sits in a node's args: a path of indices (einsum nests them in a list).
+Position = tuple[int, ...]
+
+
+def is_target(target: Any, ops: frozenset) -> bool:
+    """Whether a node target is one of `ops` (targets may be unhashable callables)."""
+    try:
+        return target in ops
+    except TypeError:  # unhashable targets
+        return False
+
+
+def operand_positions(node: fx.Node) -> dict[str, Position]:
+    """Role -> position in `node.args` of each quantizable operand of a site's node."""
+    if is_target(node.target, EINSUM_OPS):
+        nested = isinstance(node.args[1], (list, tuple))
+        return {"input": (1, 0), "other": (1, 1)} if nested else {"input": (1,), "other": (2,)}
+    second = "other" if is_target(node.target, MATMUL_OPS) else "weight"
+    return {"input": (0,), second: (1,)}
+
+
+def get_operand(args: tuple, position: Position) -> Any:
+    for index in position:
+        args = args[index]
+    return args
+
+
+def set_operand(args: tuple, position: Position, value: Any) -> tuple:
+    """`args` with the operand at `position` replaced (tuples and lists rebuilt)."""
+    head, *rest = position
+    items = list(args)
+    items[head] = set_operand(items[head], tuple(rest), value) if rest else value
+    return type(args)(items) if isinstance(args, list) else tuple(items)
+
+
+def shape(node: Any) -> tuple | None:
+    """The shape recorded on a node by torch.export (`val`) or ShapeProp (`tensor_meta`)."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    tensor_meta = node.meta.get("tensor_meta")
+    return tuple(tensor_meta.shape) if hasattr(tensor_meta, "shape") else None
+
+
+def _dim(node: Any, axis: int) -> int | None:
+    dims = shape(node)
+    if dims is None or not -len(dims) <= axis < len(dims):
+        return None
+    size = dims[axis]
+    return int(size) if is_concrete_int(size) else None
+
+
+def _carries_data(node: fx.Node) -> bool:
+    """False for nodes that compute a size or a number (`sym_size`), not tensors."""
+    val = node.meta.get("val")
+    return not isinstance(val, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _is_float(node: Any) -> bool:
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    dtype = getattr(val, "dtype", None)
+    return dtype is None or dtype.is_floating_point
+
+
+def activations(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends on the data fed to the model (not on weights, buffers,
+    constants or shapes alone): RoPE's `inv_freq @ positions` is no activation matmul."""
+    found: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(
+            arg in found and _carries_data(arg) for arg in node.all_input_nodes
+        ):
+            found.add(node)
+    return found
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return re.sub(r"\[(\w+)\]", r".\1", path).removeprefix("L['self'].").strip(".")
+
+
+def _einsum_axes(equation: str) -> tuple[int, int] | None:
+    """Reduction axis of each operand of a two-operand einsum that contracts one index."""
+    equation = equation.replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        return None
+    inputs, output = equation.split("->")
+    terms = inputs.split(",")
+    if len(terms) != 2:
+        return None
+    left, right = terms
+    contracted = [c for c in set(left) & set(right) if c not in output]
+    if len(contracted) != 1:
+        return None
+    (index,) = contracted
+    return left.index(index) - len(left), right.index(index) - len(right)
+
+
+def _describe(node: fx.Node, data: set[fx.Node]) -> list[tuple[SiteKind, dict[str, int], int | None]]:
+    """(kind, reduction axis per role, K) for each site at `node` (two for attention)."""
+    args = node.args
+    if is_target(node.target, LINEAR_OPS):
+        return [(SiteKind.LINEAR, {"input": -1, "weight": -1}, _dim(args[0], -1) or _dim(args[1], -1))]
+    if is_target(node.target, CONV_OPS):
+        return [(SiteKind.CONV, {"input": 1, "weight": 1}, None)]
+    if is_target(node.target, SDPA_OPS):
+        query, key = args[0], args[1]
+        return [
+            (SiteKind.MATMUL, {"input": -1, "other": -1}, _dim(query, -1)),
+            (SiteKind.MATMUL, {"input": -1, "other": -2}, _dim(key, -2)),
+        ]
+    if is_target(node.target, MATMUL_OPS):
+        axes = {"input": -1, "other": -2 if len(shape(args[1]) or (0, 0)) >= 2 else -1}
+    elif is_target(node.target, EINSUM_OPS):
+        found = _einsum_axes(args[0])
+        if found is None:
+            return []
+        axes = dict(zip(("input", "other"), found))
+    else:
+        return []
+    operands = [get_operand(args, p) for p in operand_positions(node).values()]
+    if not all(isinstance(o, fx.Node) and o in data and _is_float(o) for o in operands):
+        return []  # a product with a weight or constant, not between two activations
+    k = _dim(operands[0], axes["input"]) or _dim(operands[1], axes["other"])
+    return [(SiteKind.MATMUL, axes, k)]
+
+
+def find_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every site of `gm` in graph order, status QUANTIZED and no specs yet."""
+    data = activations(gm.graph)
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            path = _module_path(node)
+            found += [(node, path, *d) for d in _describe(node, data)]
+    counts = defaultdict(int)
+    for _, path, kind, _, _ in found:
+        counts[path, kind] += 1
+    seen = defaultdict(int)
+    sites = []
+    for node, path, kind, axes, k in found:
+        index = seen[path, kind]
+        seen[path, kind] += 1
+        unique = path and kind is not SiteKind.MATMUL and counts[path, kind] == 1
+        name = path if unique else ".".join(filter(None, (path, f"{kind.value}_{index}")))
+        sites.append(Site(name, kind, node.name, reduction_axes=axes, reduction_size=k))
+    return sites
+
+
+def assign_specs(sites: list[Site], recipe: Recipe) -> list[Site]:
+    """Copies of `sites` with the recipe's specs, or EXCLUDED / UNSUPPORTED and a reason."""
+    return [_assign(site, recipe) for site in sites]
+
+
+def _assign(site: Site, recipe: Recipe) -> Site:
+    specs, reason = recipe.resolve(site.name, site.kind)
+    if not specs:
+        return replace(site, status=SiteStatus.EXCLUDED, reason=reason, specs={})
+    for spec in specs.values():
+        block_size = get_format(spec.format).resolve_block_size(spec.block_size)
+        if block_size is None:
+            continue
+        if site.kind is SiteKind.CONV:
+            problem = (f"{spec.format} scales blocks along K, which a convolution does not "
+                       "have as a tensor axis")
+        elif site.reduction_size is None:
+            problem = f"K is dynamic or unknown; {spec.format} needs a multiple of {block_size}"
+        elif site.reduction_size % block_size:
+            problem = (f"K={site.reduction_size} is not a multiple of the {spec.format} "
+                       f"block size {block_size}")
+        else:
+            continue
+        return replace(site, status=SiteStatus.UNSUPPORTED, reason=problem, specs={})
+    return replace(site, status=SiteStatus.QUANTIZED, reason="", specs=specs)

@@ -1,0 +1,240 @@
+"""Recipes: which format quantizes which input of which site, as validated data.
+
+A `Recipe` says, per site kind (Linear, activation-activation matmul, convolution), which
+`QuantSpec` guards the weight and which the activation input, which sites stay in float
+(`exclude` glob patterns on site names) and per-site overrides. The named recipes (`int8`,
+`fp8`, `nvfp4`, `mxfp4`, `mxfp8`, `int4`, `w4a8`) are plain instances in `RECIPES`.
+This module decides *what* to quantize; it knows nothing of graphs (passes apply it) or of
+numerics (the specs describe formats, `qcompile.quantizer` runs them).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from qcompile.formats import get_format
+from qcompile.passes.sites import SiteKind
+from qcompile.quantizer import QuantSpec
+
+#: Output heads stay in float unless an override names them.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    "lm_head", "*.lm_head",
+    "classifier", "*.classifier", "classifier.*", "*.classifier.*",
+    "score", "*.score",
+    "qa_outputs", "*.qa_outputs",
+)
+
+
+@dataclass(frozen=True)
+class SiteSpecs:
+    """The specs of one kind of site: `weight` for its weight, `input` for its activations.
+
+    For an activation-activation matmul both operands take `input`; `weight` must be None.
+    A None spec leaves that input in float.
+    """
+
+    weight: QuantSpec | None = None
+    input: QuantSpec | None = None
+
+    def __post_init__(self) -> None:
+        for role in ("weight", "input"):
+            spec = getattr(self, role)
+            if spec is not None and not isinstance(spec, QuantSpec):
+                raise TypeError(
+                    f"SiteSpecs.{role} must be a QuantSpec or None, got {spec!r}; "
+                    f"write e.g. {role}=QuantSpec('int8')"
+                )
+
+    def roles(self, kind: SiteKind) -> dict[str, QuantSpec]:
+        """Role -> spec for a site of `kind` (roles as in `qcompile.passes.sites.ROLES`)."""
+        if kind is SiteKind.MATMUL:
+            specs = {"input": self.input, "other": self.input}
+        else:
+            specs = {"input": self.input, "weight": self.weight}
+        return {role: spec for role, spec in specs.items() if spec is not None}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What `qcompile.prepare` quantizes, and how.
+
+    Args:
+        name: shown in reports.
+        linear: specs of Linear sites (`nn.Linear`, `F.linear`, GPT-2's `Conv1D`).
+        matmul: specs of activation-activation matmuls (attention); None: the activation
+            spec of `linear` for both operands.
+        conv: specs of conv1d/conv2d sites; None: the same as `linear`.
+        quantize_matmul: quantize activation-activation matmuls at all (attention products;
+            `F.scaled_dot_product_attention` is then decomposed into explicit matmuls).
+        exclude: glob patterns on site names (`encoder.layer.0.attention.self.query`) that
+            stay in float. The default keeps output heads (`lm_head`, `classifier`, ...) float.
+        overrides: glob pattern -> `SiteSpecs` (or None for float), checked before `exclude`
+            in the order given; the first matching pattern wins.
+        learn_scales: calibrated (static) int8/int4/fp8 ranges become learnable parameters
+            (LSQ-style) for QAT.
+    """
+
+    name: str = "custom"
+    linear: SiteSpecs = field(default_factory=SiteSpecs)
+    matmul: SiteSpecs | None = None
+    conv: SiteSpecs | None = None
+    quantize_matmul: bool = False
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    overrides: tuple[tuple[str, SiteSpecs | None], ...] = ()
+    learn_scales: bool = False
+
+    def __post_init__(self) -> None:
+        for kind in ("linear", "matmul", "conv"):
+            specs = getattr(self, kind)
+            if isinstance(specs, QuantSpec):
+                raise TypeError(
+                    f"Recipe.{kind} takes SiteSpecs, not a QuantSpec; write "
+                    f"{kind}=SiteSpecs(weight=..., input=...)"
+                )
+            if not isinstance(specs, SiteSpecs) and (kind == "linear" or specs is not None):
+                raise TypeError(f"Recipe.{kind} must be SiteSpecs, got {type(specs).__name__}")
+        if self.matmul is not None and self.matmul.weight is not None:
+            raise ValueError(
+                "activation-activation matmuls have no weight; write "
+                "matmul=SiteSpecs(input=QuantSpec(...)) (it guards both operands)"
+            )
+        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
+        object.__setattr__(self, "overrides", _overrides(self.overrides))
+        for flag in ("quantize_matmul", "learn_scales"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"Recipe.{flag} must be True or False")
+        if self.learn_scales and not any(
+            _learnable(spec)
+            for specs in self._all_specs()
+            for spec in specs.roles(SiteKind.LINEAR).values()
+        ):
+            raise ValueError(
+                f"learn_scales=True needs a static (calibrated) int8, int4 or fp8 spec; recipe "
+                f"{self.name!r} has none. Use e.g. the 'int8' or 'fp8' recipe."
+            )
+
+    def _all_specs(self) -> list[SiteSpecs]:
+        found = [self.linear, self.matmul, self.conv]
+        found += [specs for _, specs in self.overrides]
+        return [specs for specs in found if specs is not None]
+
+    def kind_specs(self, kind: SiteKind) -> SiteSpecs | None:
+        """The specs of sites of `kind`, before excludes and overrides (None: float)."""
+        if kind is SiteKind.MATMUL:
+            if not self.quantize_matmul:
+                return None
+            return self.matmul or SiteSpecs(input=self.linear.input)
+        if kind is SiteKind.CONV:
+            return self.conv or self.linear
+        return self.linear
+
+    def resolve(self, name: str, kind: SiteKind) -> tuple[dict[str, QuantSpec], str]:
+        """Role -> spec for the site `name`, or ({}, reason) where it stays float."""
+        for pattern, specs in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                if specs is None:
+                    return {}, f"override {pattern!r} keeps it in float"
+                return self._finish(specs.roles(kind)), ""
+        for pattern in self.exclude:
+            if fnmatch.fnmatchcase(name, pattern):
+                reason = "output head" if pattern in DEFAULT_EXCLUDE else "excluded"
+                return {}, f"{reason} (exclude pattern {pattern!r})"
+        specs = self.kind_specs(kind)
+        if specs is None:
+            return {}, "quantize_matmul=False"
+        roles = self._finish(specs.roles(kind))
+        return roles, "" if roles else f"recipe {self.name!r} quantizes no input of a {kind.value}"
+
+    def _finish(self, roles: dict[str, QuantSpec]) -> dict[str, QuantSpec]:
+        if not self.learn_scales:
+            return roles
+        return {role: spec.with_(learn_amax=True) if _learnable(spec) else spec
+                for role, spec in roles.items()}
+
+    def with_(self, **changes) -> Recipe:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+def _learnable(spec: QuantSpec) -> bool:
+    return not spec.dynamic and get_format(spec.format).learnable_amax
+
+
+def _patterns(patterns, what: str) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        raise TypeError(f"{what} takes a list of glob patterns; write {what}=[{patterns!r}]")
+    patterns = tuple(patterns)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{what} patterns must be strings, got {pattern!r}")
+    return patterns
+
+
+def _overrides(overrides) -> tuple[tuple[str, SiteSpecs | None], ...]:
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    result = []
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise TypeError(
+                "overrides maps glob patterns to SiteSpecs or None, e.g. "
+                "overrides={'*.attention.*': SiteSpecs(input=QuantSpec('fp8'))}"
+            )
+        pattern, specs = item
+        if not isinstance(pattern, str):
+            raise TypeError(f"override pattern must be a string, got {pattern!r}")
+        if isinstance(specs, QuantSpec):
+            raise TypeError(
+                f"override {pattern!r}: write SiteSpecs(weight=..., input=...) rather than a "
+                "bare QuantSpec, so it is clear which input it quantizes"
+            )
+        if specs is not None and not isinstance(specs, SiteSpecs):
+            raise TypeError(f"override {pattern!r} must map to SiteSpecs or None, got {specs!r}")
+        result.append((pattern, specs))
+    return tuple(result)
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
+            "int8",
+            SiteSpecs(weight=QuantSpec("int8", axis=0, dynamic=True), input=QuantSpec("int8")),
+            quantize_matmul=True,
+        ),
+        Recipe(
+            "fp8",
+            SiteSpecs(weight=QuantSpec("fp8", dynamic=True), input=QuantSpec("fp8")),
+            quantize_matmul=True,
+        ),
+        Recipe(
+            "nvfp4",
+            SiteSpecs(weight=QuantSpec("nvfp4", dynamic=True), input=QuantSpec("nvfp4")),
+        ),
+        Recipe("mxfp4", SiteSpecs(weight=QuantSpec("mxfp4"), input=QuantSpec("mxfp4"))),
+        Recipe("mxfp8", SiteSpecs(weight=QuantSpec("mxfp8"), input=QuantSpec("mxfp8"))),
+        Recipe("int4", SiteSpecs(weight=QuantSpec("int4", dynamic=True))),
+        Recipe(
+            "w4a8",
+            SiteSpecs(weight=QuantSpec("int4", dynamic=True), input=QuantSpec("fp8")),
+        ),
+    )
+}
+
+
+def get_recipe(recipe: str | Recipe) -> Recipe:
+    """A named recipe, or `recipe` itself; an unknown name lists the valid ones."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if not isinstance(recipe, str):
+        raise TypeError(
+            f"recipe must be a name such as 'int8' or a qcompile.Recipe, got {type(recipe).__name__}"
+        )
+    try:
+        return RECIPES[recipe.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPES)}, "
+            "or build one with qcompile.Recipe(...)"
+        ) from None
