@@ -1,21 +1,33 @@
 """Kernel tests run on the GPU where there is one, else under the Triton interpreter on CPU."""
 
-import importlib
 import os
-import sys
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Must be set before the kernels are decorated: `triton.jit` picks the interpreter then.
+    # `triton.jit` picks the interpreter when it decorates a function, so this must happen
+    # before triton (or qcompile, which imports the kernels) is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    # `import qcompile` imports the Triton kernels (qcompile.ops registers them for CUDA), so a
-    # test module collected before this file may already have jitted them for a GPU;
-    # re-executing the module decorates them again, now for the interpreter.
-    _module = sys.modules.get("qcompile.kernels.triton_fake_quant")
-    if _module is not None:
-        importlib.reload(_module)
+
+import triton.language as tl  # noqa: E402
+
+#: Why the kernels cannot run here, or None. Triton's own library (tl.max, ...) is jitted when
+#: triton is imported: if that happened before this file set TRITON_INTERPRET (a test module
+#: elsewhere imported qcompile first), interpreted kernels fail deep inside Triton instead.
+INTERPRETER_PROBLEM = None
+if not torch.cuda.is_available() and type(tl.max).__name__ != "InterpretedFunction":
+    INTERPRETER_PROBLEM = (
+        "no CUDA GPU, and triton was imported before TRITON_INTERPRET=1 was set, so the Triton "
+        "kernels cannot run under the interpreter. Set TRITON_INTERPRET=1 in the environment, "
+        "or in tests/conftest.py before anything imports qcompile or triton."
+    )
+
+
+@pytest.fixture(autouse=True)
+def _triton_can_run():
+    if INTERPRETER_PROBLEM:
+        pytest.fail(INTERPRETER_PROBLEM)
 
 
 @pytest.fixture
