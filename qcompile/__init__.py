@@ -1,6 +1,6 @@
 """qcompile: make a PyTorch model deployable in low precision.
 
-Functional numerics (`fake_quantize`), calibration (`calibrate`), distillation (`Distiller`,
+`prepare` (capture and insert quantizers), functional numerics (`fake_quantize`), calibration (`calibrate`), distillation (`Distiller`,
 `train`), and the per-site `report`. See README.md for the tour.
 """
 
@@ -8,13 +8,25 @@ from qcompile.calibrate import CalibrationWarning, calibrate
 from qcompile.distill import Distiller
 from qcompile.fake_quant import fake_quantize
 from qcompile.formats import FORMATS, QuantFormat, get_format
+from qcompile.passes.capture import CaptureError
+from qcompile.passes.sites import Site, SiteKind, SiteStatus
+from qcompile.prepare import PreparedModel, prepare
 from qcompile.quantizer import QuantSpec, Quantizer
+from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe
 from qcompile.report import Report, report
 from qcompile.train import freeze, train
 
 __all__ = [
     "FORMATS",
+    "RECIPES",
     "CalibrationWarning",
+    "CaptureError",
+    "PreparedModel",
+    "Recipe",
+    "Site",
+    "SiteKind",
+    "SiteSpecs",
+    "SiteStatus",
     "Distiller",
     "QuantFormat",
     "QuantSpec",
@@ -24,6 +36,8 @@ __all__ = [
     "fake_quantize",
     "freeze",
     "get_format",
+    "get_recipe",
+    "prepare",
     "report",
     "train",
 ]

@@ -1,16 +1,8 @@
 """Kernel tests run on the GPU where there is one, else under the Triton interpreter on CPU."""
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # `triton.jit` picks the interpreter when it decorates a function, so this must happen
-    # before triton (or qcompile, which imports the kernels) is first imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton.language as tl  # noqa: E402
+import triton.language as tl  # TRITON_INTERPRET is set by tests/conftest.py where no GPU is
 
 #: Why the kernels cannot run here, or None. Triton's own library (tl.max, ...) is jitted when
 #: triton is imported: if that happened before this file set TRITON_INTERPRET (a test module
