@@ -149,7 +149,7 @@ def _expected_weight_axis(consumer: ir.Node, index: int, rank: int, blocked: boo
         return rank - 2 if blocked else rank - 1
     if consumer.op_type == "Gemm":  # B is [K, N], or [N, K] with transB
         trans_b = _attr(consumer, "transB", 0)
-        return (1 - trans_b) if blocked else trans_b
+        return trans_b if blocked else 1 - trans_b
     return None
 
 
