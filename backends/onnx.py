@@ -107,8 +107,14 @@ def _root_cause(error: BaseException) -> BaseException:
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the export; a torch.export'ed GraphModule refuses `.eval()` (its mode is
+    baked into its graph), so it is exported in the mode it was captured or moved to."""
     training = model.training
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:
+        yield
+        return
     try:
         yield
     finally:
