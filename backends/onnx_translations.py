@@ -25,12 +25,13 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
-import onnxscript
 import torch
 from onnxscript import values
 
 from qcompile.backends import onnx_trt_ops as trt
-from qcompile.formats import E2M1, E4M3, E4M3_MAX, INT4, INT8, ElementType, QuantFormat, ScaleKind, get_format
+from qcompile.formats import (
+    E2M1, E4M3, E4M3_MAX, INT4, INT8, ElementType, QuantFormat, ScaleKind, get_format,
+)
 
 TARGETS = ("tensorrt", "onnx")
 #: The lowest opset torch.onnx's dynamo exporter writes.
