@@ -232,6 +232,8 @@ def _qdq_session(element: str, axis: int | None, block_size: int | None) -> Refe
 def onnx_scale(scale: np.ndarray, x_shape: tuple[int, ...], axis, block_size) -> np.ndarray:
     """The scale tensor ONNX takes: 0-d, 1-D along `axis`, or blocks on the last axis."""
     if block_size is not None:
+        blocks_shape = (*x_shape[:-1], x_shape[-1] // block_size, 1)
+        scale = np.broadcast_to(scale, blocks_shape)
         return np.ascontiguousarray(scale.reshape(*x_shape[:-1], x_shape[-1] // block_size))
     if axis is not None:
         return np.ascontiguousarray(scale.reshape(-1))

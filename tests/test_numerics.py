@@ -252,10 +252,10 @@ def test_round_half_to_even():
 
 def test_integer_zero_is_positive_zero():
     """Integers have no -0: DequantizeLinear of q = 0 is +0.0, and so is ours."""
-    x = torch.tensor([-0.2, -0.0, 0.2, -1e-30, 5.0])
+    x = torch.tensor([-0.6, -0.0, -1e-30, -0.01, 5.0])
     for fmt, kw in (("int8", {}), ("int4", {"block_size": 5})):
         y = qcompile.fake_quantize(x, fmt, **kw)
-        assert not torch.signbit(y[:4]).any(), (fmt, y)
+        assert y[0] < 0 and (y[1:4] == 0).all() and not torch.signbit(y[1:4]).any(), (fmt, y)
 
 
 # ------------------------------------------------------------------------- property test
