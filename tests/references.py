@@ -255,7 +255,8 @@ def onnx_fake_quantize(
     bs = block_size if block_size is not None else fmt.block_size
     x = np.ascontiguousarray(x, F32)
     session = _qdq_session(fmt.element, axis if bs is None else None, bs)
-    (y,) = session.run(None, {"x": x, "scale": onnx_scale(scale, x.shape, axis, bs)})
+    with np.errstate(divide="ignore", invalid="ignore"):  # ONNX divides by zero scales
+        (y,) = session.run(None, {"x": x, "scale": onnx_scale(scale, x.shape, axis, bs)})
     return y
 
 
@@ -290,7 +291,8 @@ def onnx_nvfp4_two_level(x: np.ndarray, scales: RefScales, block_size: int = 16)
     block_scale = np.ascontiguousarray(
         scales.block_scale_e4m3.reshape(*x.shape[:-1], x.shape[-1] // block_size)
     )
-    (y,) = _nvfp4_two_level_session(block_size).run(
-        None, {"x": x, "block_scale": block_scale, "global_scale": scales.global_scale}
-    )
+    with np.errstate(divide="ignore", invalid="ignore"):  # ONNX divides by zero scales
+        (y,) = _nvfp4_two_level_session(block_size).run(
+            None, {"x": x, "block_scale": block_scale, "global_scale": scales.global_scale}
+        )
     return y
