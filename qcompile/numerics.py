@@ -35,6 +35,9 @@ def to_blocks(x: torch.Tensor, block_size: int | None) -> torch.Tensor:
     """View the last axis as (K // block_size, block_size); identity without blocks."""
     if block_size is None:
         return x
+    # Lets symbolic shapes (dynamic compiles) prove (K // block_size) * block_size == K, so
+    # that `from_blocks` stays a view instead of an index-remapping copy.
+    torch._check(x.shape[-1] % block_size == 0)
     return x.unflatten(-1, (x.shape[-1] // block_size, block_size))
 
 
