@@ -175,3 +175,17 @@ def test_compiled_kernel_bf16_and_backward_equal_eager(monkeypatch):
     # the amax gradient is a sum over 131072 elements: compiled reduction order may differ
     torch.testing.assert_close(compiled[2], eager[2], rtol=1e-4, atol=1e-4)
     assert np.isfinite(compiled[2].item())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["nvfp4", "int4"])
+def test_compiled_kernel_after_shape_changes_equals_eager(fmt, monkeypatch):
+    """New shapes recompile with symbolic sizes (automatic dynamic); still bit-exact."""
+    outputs = []
+    for seed, shape in enumerate([(256, 512), (3, 131, 256), (96, 1024), (5, 100, 256)]):
+        x = torch.from_numpy(make_data(shape, seed=seed, zero_block=128))
+        outputs.append((x, qcompile.fake_quantize(x, fmt)))
+    monkeypatch.setenv("QCOMPILE_CPU_KERNELS", "eager")
+    assert not cpu._compile_failed
+    for x, compiled in outputs:
+        assert_bitwise_equal(compiled.numpy(), qcompile.fake_quantize(x, fmt).numpy())
