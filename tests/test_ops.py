@@ -95,6 +95,7 @@ def _grads(model, x, forward=None):
     return out.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_matches_eager():
     torch.manual_seed(0)
     model = TinyQuantMLP()
