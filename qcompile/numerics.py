@@ -35,6 +35,9 @@ def to_blocks(x: torch.Tensor, block_size: int | None) -> torch.Tensor:
     """View the last axis as (K // block_size, block_size); identity without blocks."""
     if block_size is None:
         return x
+    # Lets symbolic shapes (dynamic compiles) prove (K // block_size) * block_size == K, so
+    # that `from_blocks` stays a view instead of an index-remapping copy.
+    torch._check(x.shape[-1] % block_size == 0)
     return x.unflatten(-1, (x.shape[-1] // block_size, block_size))
 
 
@@ -79,7 +82,9 @@ def round_to_element(v: torch.Tensor, element: ElementType) -> torch.Tensor:
     """
     v = v.clamp(element.min_value, element.max_value)
     if element.kind is ElementKind.INT:
-        return torch.round(v)
+        # Integers have no -0: round(-0.3) is -0.0 in fp32, but DequantizeLinear of q = 0 is +0.
+        rounded = torch.round(v)
+        return torch.where(rounded == 0, torch.zeros_like(rounded), rounded)
     # Small float: the spacing of representable values near v is 2**(e - mantissa_bits),
     # where e is v's exponent, floored at the smallest normal exponent (subnormals).
     exponent = _floor_log2(v.abs()).clamp(min=element.min_exponent)

@@ -49,7 +49,7 @@ def _compiled(kind: str, format_name: str, block_size: int | None, static: bool)
         *data, amax = tensors
         return reference(*data, amax, fmt, block_size)
 
-    return torch.compile(_fresh_code(kernel), dynamic=True, fullgraph=True)
+    return torch.compile(_fresh_code(kernel), dynamic=None, fullgraph=True)
 
 
 def _use_compiled(x: torch.Tensor) -> bool:

@@ -1,0 +1,298 @@
+"""Independent references for DESIGN.md's numerics contract, built without qcompile's code.
+
+Two references, each written from the contract and not from `qcompile.numerics`:
+
+- `ml_dtypes_fake_quantize`: numpy float32 arithmetic for the scales, and the casts of
+  `ml_dtypes` (`int4`, `float8_e4m3fn`, `float4_e2m1fn`, `float8_e8m0fnu`; all round half to
+  even) for the element values. Saturation is done by clipping before each cast, because the
+  casts themselves wrap (int4), overflow to NaN (e4m3fn) or map NaN to zero (e2m1).
+- `onnx_fake_quantize`: tiny `QuantizeLinear -> DequantizeLinear` models run by
+  `onnx.reference.ReferenceEvaluator`, with scales precomputed by `reference_scales`
+  (opset 19 for int8 and FLOAT8E4M3FN, 21 for INT4 with `block_size`, 23 for FLOAT4E2M1).
+  `onnx_nvfp4_two_level` dequantizes the FLOAT8E4M3FN block scales by the fp32 global scale
+  inside the model, the form exported to TensorRT.
+
+Dynamic amax ignores inf and NaN (as `qcompile.numerics.finite_abs` documents). The format
+table below is written out again on purpose rather than read from `qcompile.formats`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+
+@dataclass(frozen=True)
+class RefFormat:
+    name: str
+    element: str  # "int8", "int4", "e4m3", "e2m1"
+    qmin: float
+    qmax: float
+    scale: str  # "fp32", "nvfp4", "e8m0"
+    block_size: int | None
+    emax: int = 0  # exponent of the largest power of two of the element (E8M0 scales)
+
+
+REF_FORMATS = {
+    f.name: f
+    for f in (
+        RefFormat("int8", "int8", -128.0, 127.0, "fp32", None),
+        RefFormat("int4", "int4", -8.0, 7.0, "fp32", 128),
+        RefFormat("fp8", "e4m3", -448.0, 448.0, "fp32", None),
+        RefFormat("nvfp4", "e2m1", -6.0, 6.0, "nvfp4", 16),
+        RefFormat("mxfp4", "e2m1", -6.0, 6.0, "e8m0", 32, emax=2),
+        RefFormat("mxfp8", "e4m3", -448.0, 448.0, "e8m0", 32, emax=8),
+    )
+}
+
+F32 = np.float32
+
+
+def finite_abs(x: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(x), np.abs(x), F32(0)).astype(F32)
+
+
+def blocks(x: np.ndarray, block_size: int | None) -> np.ndarray:
+    if block_size is None:
+        return x
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+
+
+def unblocks(x: np.ndarray, block_size: int | None) -> np.ndarray:
+    return x if block_size is None else x.reshape(*x.shape[:-2], -1)
+
+
+@dataclass
+class RefScales:
+    """Scales broadcastable to the block view of x (`scale`), plus NVFP4's two levels."""
+
+    scale: np.ndarray
+    block_scale_e4m3: np.ndarray | None = None  # ml_dtypes.float8_e4m3fn, block view
+    global_scale: np.ndarray | None = None  # fp32 0-d
+
+
+def e8m0_scale(block_amax: np.ndarray, emax: int) -> np.ndarray:
+    """2**(floor(log2(amax)) - emax) clamped to E8M0's exponents [-127, 127]; amax 0 -> 2**-127."""
+    mantissa, exponent = np.frexp(block_amax.astype(np.float64))  # amax = m * 2**e, m in [.5, 1)
+    floor_log2 = np.where(block_amax > 0, exponent - 1, -127)
+    e = np.clip(floor_log2 - emax, -127, 127)
+    scale = np.ldexp(np.float64(1), e).astype(F32)  # exact: 2**-127 is an fp32 subnormal
+    # E8M0 holds every one of these exactly; casting through it must not change anything.
+    assert np.array_equal(scale.astype(ml_dtypes.float8_e8m0fnu).astype(F32), scale)
+    return scale
+
+
+def reference_scales(
+    x: np.ndarray,
+    fmt: RefFormat,
+    amax: np.ndarray | float | None = None,
+    axis: int | None = None,
+    block_size: int | None = None,
+) -> RefScales:
+    """The scales of DESIGN.md's table for float32 x, in float32 numpy."""
+    x = np.asarray(x, F32)
+    bs = block_size if block_size is not None else fmt.block_size
+    xb = blocks(x, bs)
+    if fmt.scale == "fp32":
+        if amax is not None:
+            a = np.asarray(amax, F32)
+            if axis is not None:
+                shape = [1] * x.ndim
+                shape[axis] = x.shape[axis]
+                a = a.reshape(shape)
+            elif bs is not None and a.size > 1:
+                a = a.reshape(*xb.shape[:-1], 1)
+            else:
+                a = a.reshape(())
+        elif bs is not None:
+            a = finite_abs(xb).max(axis=-1, keepdims=True)
+        elif axis is not None:
+            dims = tuple(d for d in range(x.ndim) if d != axis % x.ndim)
+            a = finite_abs(x).max(axis=dims, keepdims=True) if dims else finite_abs(x)
+        else:
+            a = finite_abs(x).max()
+        return RefScales((a / F32(fmt.qmax)).astype(F32))
+    block_amax = finite_abs(xb).max(axis=-1, keepdims=True)
+    if fmt.scale == "nvfp4":
+        a = finite_abs(x).max() if amax is None else np.asarray(amax, F32).reshape(())
+        gs = F32(a / F32(6 * 448))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            raw = (block_amax / F32(6)) / gs
+        raw = np.where(gs > 0, raw, F32(0)).astype(F32)
+        block_scale = np.minimum(raw, F32(448)).astype(ml_dtypes.float8_e4m3fn)
+        scale = (block_scale.astype(F32) * gs).astype(F32)
+        return RefScales(scale, block_scale, np.asarray(gs, F32))
+    if fmt.scale == "e8m0":
+        return RefScales(e8m0_scale(block_amax, fmt.emax))
+    raise AssertionError(fmt.scale)
+
+
+def cast_to_element(v: np.ndarray, fmt: RefFormat) -> np.ndarray:
+    """Saturate (clip) then cast to the element type with ml_dtypes; returned as float32.
+
+    NaN stays NaN (the cast of the integer and E2M1 types would lose it).
+    """
+    nan = np.isnan(v)
+    v = np.clip(v, F32(fmt.qmin), F32(fmt.qmax))
+    if fmt.element == "int8":
+        q = np.rint(np.where(nan, 0, v)).astype(np.int8).astype(F32)
+    elif fmt.element == "int4":
+        q = np.rint(np.where(nan, 0, v)).astype(ml_dtypes.int4).astype(F32)
+    elif fmt.element == "e4m3":
+        q = v.astype(ml_dtypes.float8_e4m3fn).astype(F32)
+    elif fmt.element == "e2m1":
+        q = v.astype(ml_dtypes.float4_e2m1fn).astype(F32)
+    else:
+        raise AssertionError(fmt.element)
+    return np.where(nan, F32(np.nan), q).astype(F32)
+
+
+def ml_dtypes_fake_quantize(
+    x: np.ndarray,
+    fmt: RefFormat | str,
+    amax: np.ndarray | float | None = None,
+    axis: int | None = None,
+    block_size: int | None = None,
+) -> np.ndarray:
+    """fake_quantize per the contract: y = cast(clip(x / scale)) * scale; zero scale -> zeros."""
+    fmt = REF_FORMATS[fmt] if isinstance(fmt, str) else fmt
+    x = np.asarray(x, F32)
+    bs = block_size if block_size is not None else fmt.block_size
+    scale = reference_scales(x, fmt, amax, axis, block_size).scale
+    xb = blocks(x, bs)
+    divisor = np.where(scale > 0, scale, F32(1)).astype(F32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = cast_to_element((xb / divisor).astype(F32), fmt)
+        y = (q * scale).astype(F32)
+    return unblocks(y, bs)
+
+
+# ------------------------------------------------------------------------------- onnx
+_ONNX_ELEMENT = {
+    "int8": (TensorProto.INT8, 19),
+    "int4": (TensorProto.INT4, 21),
+    "e4m3": (TensorProto.FLOAT8E4M3FN, 19),
+    "e2m1": (TensorProto.FLOAT4E2M1, 23),
+}
+
+
+def _zero_point(element: str) -> onnx.TensorProto | None:
+    """A zero zero-point naming the output type (opsets before `output_dtype`)."""
+    if element == "int8":
+        return helper.make_tensor("zero_point", TensorProto.INT8, [], [0])
+    if element == "int4":
+        return helper.make_tensor("zero_point", TensorProto.INT4, [], [0])
+    if element == "e4m3":
+        return helper.make_tensor("zero_point", TensorProto.FLOAT8E4M3FN, [], [0])
+    return None  # FLOAT4E2M1: output_dtype attribute (opset 23)
+
+
+@functools.lru_cache(maxsize=None)
+def _qdq_session(element: str, axis: int | None, block_size: int | None) -> ReferenceEvaluator:
+    qtype, opset = _ONNX_ELEMENT[element]
+    if block_size is not None:
+        opset = max(opset, 21)  # block_size arrived in opset 21
+    attrs: dict = {}
+    if axis is not None:
+        attrs["axis"] = axis
+    if block_size is not None:
+        attrs["block_size"] = block_size
+        attrs["axis"] = -1
+    zero_point = _zero_point(element)
+    q_inputs = ["x", "scale"] + (["zero_point"] if zero_point is not None else [])
+    q_attrs = dict(attrs)
+    if element == "e4m3":
+        q_attrs["saturate"] = 1
+    if zero_point is None:
+        q_attrs["output_dtype"] = qtype
+    nodes = [
+        helper.make_node("QuantizeLinear", q_inputs, ["q"], **q_attrs),
+        helper.make_node("DequantizeLinear", ["q", "scale"] + q_inputs[2:], ["y"], **attrs),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, None),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[zero_point] if zero_point is not None else [],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ReferenceEvaluator(model)
+
+
+def onnx_scale(scale: np.ndarray, x_shape: tuple[int, ...], axis, block_size) -> np.ndarray:
+    """The scale tensor ONNX takes: 0-d, 1-D along `axis`, or blocks on the last axis."""
+    if block_size is not None:
+        blocks_shape = (*x_shape[:-1], x_shape[-1] // block_size, 1)
+        scale = np.broadcast_to(scale, blocks_shape)
+        return np.ascontiguousarray(scale.reshape(*x_shape[:-1], x_shape[-1] // block_size))
+    if axis is not None:
+        return np.ascontiguousarray(scale.reshape(-1))
+    return np.asarray(scale, F32).reshape(())
+
+
+def onnx_fake_quantize(
+    x: np.ndarray,
+    fmt: RefFormat | str,
+    scale: np.ndarray,
+    axis: int | None = None,
+    block_size: int | None = None,
+) -> np.ndarray:
+    """QuantizeLinear -> DequantizeLinear of float32 x with precomputed fp32 scales.
+
+    `scale` is in the layout of `RefScales.scale` (broadcastable to the block view).
+    """
+    fmt = REF_FORMATS[fmt] if isinstance(fmt, str) else fmt
+    bs = block_size if block_size is not None else fmt.block_size
+    x = np.ascontiguousarray(x, F32)
+    session = _qdq_session(fmt.element, axis if bs is None else None, bs)
+    with np.errstate(divide="ignore", invalid="ignore"):  # ONNX divides by zero scales
+        (y,) = session.run(None, {"x": x, "scale": onnx_scale(scale, x.shape, axis, bs)})
+    return y
+
+
+@functools.lru_cache(maxsize=None)
+def _nvfp4_two_level_session(block_size: int) -> ReferenceEvaluator:
+    nodes = [
+        # fp8 block scales dequantized by the fp32 global scale: the effective block scale.
+        helper.make_node("DequantizeLinear", ["block_scale", "global_scale"], ["scale"]),
+        helper.make_node(
+            "QuantizeLinear", ["x", "scale"], ["q"], axis=-1, block_size=block_size,
+            output_dtype=TensorProto.FLOAT4E2M1,
+        ),
+        helper.make_node("DequantizeLinear", ["q", "scale"], ["y"], axis=-1, block_size=block_size),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nvfp4_two_level",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("block_scale", TensorProto.FLOAT8E4M3FN, None),
+            helper.make_tensor_value_info("global_scale", TensorProto.FLOAT, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    return ReferenceEvaluator(model)
+
+
+def onnx_nvfp4_two_level(x: np.ndarray, scales: RefScales, block_size: int = 16) -> np.ndarray:
+    """NVFP4 as exported to TensorRT: DQ(fp8 block scales, fp32 global) -> Q/DQ FLOAT4E2M1."""
+    x = np.ascontiguousarray(x, F32)
+    block_scale = np.ascontiguousarray(
+        scales.block_scale_e4m3.reshape(*x.shape[:-1], x.shape[-1] // block_size)
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):  # ONNX divides by zero scales
+        (y,) = _nvfp4_two_level_session(block_size).run(
+            None, {"x": x, "block_scale": block_scale, "global_scale": scales.global_scale}
+        )
+    return y
