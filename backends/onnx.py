@@ -69,13 +69,20 @@ def choose_opset(quantizers: dict[str, Quantizer], requested: int | None) -> int
     return requested
 
 
-def _batch_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | tuple:
-    """dynamic_shapes marking axis 0 of every tensor input as one shared `batch` dimension."""
+def _dynamic_axes(
+    model: nn.Module, args: tuple, kwargs: dict, sequence: bool
+) -> dict[str, Any] | tuple:
+    """dynamic_shapes marking axis 0 of every tensor input as one shared `batch` dimension,
+    and with `sequence` axis 1 of every input of rank >= 2 as one shared `sequence` dimension."""
     batch = torch.export.Dim("batch")
+    length = torch.export.Dim("sequence")
 
     def mark(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return {0: batch} if value.ndim else None
+            axes = {0: batch} if value.ndim else {}
+            if sequence and value.ndim >= 2:
+                axes[1] = length
+            return axes or None
         if isinstance(value, (list, tuple)):
             return type(value)(mark(v) for v in value)
         if isinstance(value, dict):
@@ -150,6 +157,7 @@ def export_onnx(
     target: str = "tensorrt",
     opset: int | None = None,
     dynamic_batch: bool = True,
+    dynamic_sequence: bool = False,
     dynamic_shapes: Any = None,
 ) -> Path:
     """Export `model` to `path` as an ONNX graph with explicit quantization.
@@ -163,6 +171,8 @@ def export_onnx(
             dynamic scales computed in the graph; runs in onnx.reference).
         opset: default the lowest opset the formats need; a lower one is refused.
         dynamic_batch: make axis 0 of every tensor input a dynamic `batch` dimension.
+        dynamic_sequence: also make axis 1 of every input of rank >= 2 a dynamic `sequence`
+            dimension (text models: token ids and attention masks).
         dynamic_shapes: passed to torch.onnx.export instead (overrides `dynamic_batch`).
 
     Weight quantizers (those fed a parameter) are quantized once in torch and stored as
@@ -173,8 +183,10 @@ def export_onnx(
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
     quantizers = _quantizers(model)
     opset = choose_opset(quantizers, opset)
-    if dynamic_shapes is None and dynamic_batch:
-        dynamic_shapes = _batch_shapes(model, args, kwargs)
+    if dynamic_shapes is None and (dynamic_batch or dynamic_sequence):
+        if not dynamic_batch:
+            raise ValueError("dynamic_sequence needs dynamic_batch=True (or pass dynamic_shapes)")
+        dynamic_shapes = _dynamic_axes(model, args, kwargs, dynamic_sequence)
     with _eval_mode(model):
         weights = onnx_weights.find_weight_quantizers(model, args, kwargs)
         for name, quantizer in quantizers.items():
