@@ -100,7 +100,9 @@ def _round_to_element(
     v = tl.where(v < LO, LO, v)
     v = tl.where(v > HI, HI, v)
     if IS_INT:
+        # Integers have no -0: DequantizeLinear of q = 0 is +0 (as in qcompile.numerics).
         rounded = _round_half_even(v)
+        rounded = tl.where(rounded == 0.0, 0.0, rounded)
     else:
         # Spacing of representable values near v: 2**(e - mantissa_bits), with e the exponent
         # of v floored at the smallest normal exponent (subnormals share one spacing).
