@@ -40,5 +40,25 @@ __all__ = [
     "prepare",
     "report",
     "train",
+    "export_onnx",
+    "inspect_onnx",
+    "QADTrainer",
 ]
 __version__ = "0.1.0"
+
+# Optional extras, imported on first use so that `import qcompile` needs neither onnx nor
+# transformers: name -> (module, attribute).
+_LAZY = {
+    "export_onnx": ("qcompile.backends.onnx", "export_onnx"),
+    "inspect_onnx": ("qcompile.backends.onnx_rules", "inspect_onnx"),
+    "QADTrainer": ("qcompile.hf", "QADTrainer"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module), attribute)
+    raise AttributeError(f"module 'qcompile' has no attribute {name!r}")
