@@ -125,17 +125,26 @@ def find_weight_quantizers(
 
     Runs one forward pass with hooks; a quantizer counts as a weight quantizer when the tensor
     it receives *is* (by identity) a parameter or buffer, as for `self.weight_quantizer(
-    self.linear.weight)` or a `call_module` node fed by a `get_attr` node. Returns
-    {quantizer path: that weight}.
+    self.linear.weight)` or a `call_module` node fed by a `get_attr` node, or is a view of the
+    whole of one, as for the `weight.t()` in front of the weight quantizer of a Hugging Face
+    `Conv1D` (a view of part of one, such as a slice whose length follows the input, is not
+    constant and stays an activation). Returns {quantizer path: the tensor it receives}.
     """
     constants = {id(t) for t in (*model.parameters(), *model.buffers())}
+
+    def is_constant(tensor: torch.Tensor) -> bool:
+        if id(tensor) in constants:
+            return True
+        base = tensor._base
+        return base is not None and id(base) in constants and tensor.numel() == base.numel()
+
     found: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, Quantizer) and module.enabled:
 
             def hook(module, inputs, name=name):
-                if inputs and id(inputs[0]) in constants:
+                if inputs and isinstance(inputs[0], torch.Tensor) and is_constant(inputs[0]):
                     found[name] = inputs[0]
 
             handles.append(module.register_forward_pre_hook(hook))
