@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -130,6 +131,10 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _run_exporter(model: nn.Module, args: tuple, kwargs: dict, opset: int, target: str,
                   dynamic_shapes: Any) -> ir.Model:
+    # torch.onnx logs a warning per optional library it finds missing (torchvision, ...).
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    previous_level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
     try:
         program = torch.onnx.export(
             model, args, kwargs=kwargs, dynamo=True, opset_version=opset, optimize=False,
@@ -145,6 +150,8 @@ def _run_exporter(model: nn.Module, args: tuple, kwargs: dict, opset: int, targe
         raise OnnxExportError(
             f"ONNX export failed at node '{node[0]}' (op {node[1]}): {cause}"
         ) from None
+    finally:
+        registration_log.setLevel(previous_level)
     return program.model
 
 

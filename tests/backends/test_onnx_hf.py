@@ -21,11 +21,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 
 import qcompile
 from qcompile.backends.onnx import export_onnx
+from qcompile.backends.onnx_reference import reference_evaluator
 
 transformers = pytest.importorskip("transformers")
 
@@ -118,18 +117,9 @@ def test_hf_model_in_onnxruntime_at_other_batch_and_length(name, recipe, tmp_pat
         assert _relative_difference(prepared, _tokens(shape, seed), run) < TOLERANCE, shape
 
 
-class GatherElements(OpRun):  # new_ops are matched by class name
-    """onnx.reference's GatherElements uses np.choose, which takes at most 64 choices, and
-    its fallback is wrong; HF BERT gathers its 512 buffered token-type ids by position."""
-
-    def _run(self, data, indices, axis=0):
-        indices = np.where(indices < 0, indices + data.shape[axis], indices)
-        return (np.take_along_axis(data, indices, axis=axis),)
-
-
 def test_nvfp4_bert_in_onnx_reference_at_other_batch_and_length(tmp_path):
     prepared, path = _prepare_and_export(_bert("sdpa"), "nvfp4", tmp_path, target="onnx")
-    evaluator = ReferenceEvaluator(str(path), new_ops=[GatherElements])
+    evaluator = reference_evaluator(path)
     for shape, seed in ((EXAMPLE, 1), (OTHER, 3)):
         assert _relative_difference(prepared, _tokens(shape, seed),
                                     lambda feeds: evaluator.run(None, feeds)) < TOLERANCE
