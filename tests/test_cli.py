@@ -61,7 +61,10 @@ def test_demo_runs_the_pipeline_on_the_real_minilm(tmp_path, capsys):
     assert main(["demo", "--calibration-texts", "32", "--eval-texts", "64", "--qad-steps", "2",
                  "--output-dir", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"nvfp4 PTQ", "nvfp4 QAD"}
+    assert set(results) == {"nvfp4 PTQ", "nvfp4 QAD", "onnx"}
     assert 0.9 < results["nvfp4 PTQ"]["mean_cosine"] <= 1.0
+    # The exported standard-ONNX model, run by onnx.reference, computes what PyTorch computes.
+    assert results["onnx"]["parity_max_diff"] < 1e-4
+    assert (tmp_path / "model.onnx").stat().st_size < 0.5 * 90e6  # float MiniLM is ~90 MB
     assert (tmp_path / "fidelity.png").stat().st_size > 1000
     assert "quantized" in (tmp_path / "report.txt").read_text()
