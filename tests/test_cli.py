@@ -65,6 +65,8 @@ def test_demo_runs_the_pipeline_on_the_real_minilm(tmp_path, capsys):
     assert 0.9 < results["nvfp4 PTQ"]["mean_cosine"] <= 1.0
     # The exported standard-ONNX model, run by onnx.reference, computes what PyTorch computes.
     assert results["onnx"]["parity_max_diff"] < 1e-4
-    assert (tmp_path / "model.onnx").stat().st_size < 0.5 * 90e6  # float MiniLM is ~90 MB
+    # Float MiniLM is ~90 MB, 47 MB of it the (unquantized) embedding table; 4-bit Linears
+    # shrink the other ~43 MB to ~6 MB.
+    assert (tmp_path / "model.onnx").stat().st_size < 60e6
     assert (tmp_path / "fidelity.png").stat().st_size > 1000
     assert "quantized" in (tmp_path / "report.txt").read_text()
