@@ -16,33 +16,33 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from qcompile import numerics, ops  # noqa: F401  (ops registers torch.ops.qcompile.*)
 from qcompile.formats import get_format
+from qcompile.kernels.cpu import REFERENCES
+from qcompile.ops import block_or_none
+
+#: op name -> the `qcompile.kernels.cpu.REFERENCES` entry that defines its numbers.
+_OP_REFERENCES = {
+    "fake_quantize": "forward",
+    "fake_quantize_backward": "backward",
+    "fake_quantize_amax_backward": "amax_backward",
+}
 
 
-def _block(block_size: int) -> int | None:
-    return block_size if block_size > 0 else None
+def _decomposition(kind: str) -> Callable[..., Any]:
+    reference = REFERENCES[kind]
 
+    def decomposed(*args):  # (*tensors, amax, format, block_size), as the op takes them
+        *tensors, format, block_size = args
+        return reference(*tensors, get_format(format), block_or_none(block_size))
 
-def _fake_quantize(x, amax, format, block_size):
-    return numerics.fake_quantize(x, amax, get_format(format), _block(block_size))
-
-
-def _fake_quantize_backward(grad, x, amax, format, block_size):
-    return numerics.fake_quantize_backward(grad, x, amax, get_format(format), _block(block_size))
-
-
-def _fake_quantize_amax_backward(grad, x, amax, format, block_size):
-    return numerics.amax_gradient(grad, x, amax, get_format(format), _block(block_size))
+    return decomposed
 
 
 def decompositions() -> dict[torch._ops.OpOverload, Callable[..., Any]]:
     """The aten decompositions of every qcompile op, keyed by op overload."""
-    qcompile = torch.ops.qcompile
     return {
-        qcompile.fake_quantize.default: _fake_quantize,
-        qcompile.fake_quantize_backward.default: _fake_quantize_backward,
-        qcompile.fake_quantize_amax_backward.default: _fake_quantize_amax_backward,
+        getattr(torch.ops.qcompile, op).default: _decomposition(kind)
+        for op, kind in _OP_REFERENCES.items()
     }
 
 

@@ -24,7 +24,8 @@ from qcompile.kernels import cpu
 _NAMESPACE = "qcompile"
 
 
-def _block(block_size: int) -> int | None:
+def block_or_none(block_size: int) -> int | None:
+    """The op's block_size argument (0: no blocks) as numerics takes it."""
     return block_size if block_size > 0 else None
 
 
@@ -32,7 +33,7 @@ def _block(block_size: int) -> int | None:
 def fake_quantize(
     x: torch.Tensor, amax: torch.Tensor | None, format: str, block_size: int
 ) -> torch.Tensor:
-    return cpu.run("forward", format, _block(block_size), x, amax)
+    return cpu.run("forward", format, block_or_none(block_size), x, amax)
 
 
 @fake_quantize.register_fake
@@ -44,7 +45,7 @@ def _(x, amax, format, block_size):
 def fake_quantize_backward(
     grad: torch.Tensor, x: torch.Tensor, amax: torch.Tensor | None, format: str, block_size: int
 ) -> torch.Tensor:
-    return cpu.run("backward", format, _block(block_size), grad, x, amax)
+    return cpu.run("backward", format, block_or_none(block_size), grad, x, amax)
 
 
 @fake_quantize_backward.register_fake
@@ -56,7 +57,7 @@ def _(grad, x, amax, format, block_size):
 def fake_quantize_amax_backward(
     grad: torch.Tensor, x: torch.Tensor, amax: torch.Tensor, format: str, block_size: int
 ) -> torch.Tensor:
-    return cpu.run("amax_backward", format, _block(block_size), grad, x, amax)
+    return cpu.run("amax_backward", format, block_or_none(block_size), grad, x, amax)
 
 
 @fake_quantize_amax_backward.register_fake
