@@ -73,7 +73,8 @@ class WeightQuantization:
 
 
 def quantize_weight(weight: torch.Tensor, quantizer: Quantizer, e8m0_scales: bool) -> WeightQuantization:
-    """Quantize `weight` exactly as `quantizer` does in eval mode (`qcompile.numerics`).
+    """Quantize `weight` exactly as `quantizer` does in eval mode (`qcompile.numerics`),
+    its SmoothQuant `pre_scale` included.
 
     `e8m0_scales`: store MX scales as uint8 E8M0 exponents (TensorRT) instead of fp32.
     """
@@ -81,6 +82,8 @@ def quantize_weight(weight: torch.Tensor, quantizer: Quantizer, e8m0_scales: boo
     fmt = get_format(spec.format)
     block_size = fmt.resolve_block_size(spec.block_size)
     w = weight.detach().float()
+    if quantizer.pre_scale is not None:  # SmoothQuant: stored weight is W * s
+        w = w * quantizer.pre_scale.detach().float()
     amax = None if spec.dynamic else quantizer.amax.detach()
     amax = canonical_amax(w, fmt, amax, spec.axis, block_size)
     values, scales = numerics.quantize(w, amax, fmt, block_size)

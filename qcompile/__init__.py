@@ -1,6 +1,6 @@
 """qcompile: make a PyTorch model deployable in low precision.
 
-`prepare` (capture and insert quantizers), functional numerics (`fake_quantize`), calibration (`calibrate`), distillation (`Distiller`,
+`prepare` (capture and insert quantizers), functional numerics (`fake_quantize`), calibration (`calibrate`, `smooth`), distillation (`Distiller`,
 `train`), and the per-site `report`. See README.md for the tour.
 """
 
@@ -14,6 +14,7 @@ from qcompile.prepare import PreparedModel, prepare
 from qcompile.quantizer import QuantSpec, Quantizer
 from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe
 from qcompile.report import Report, report
+from qcompile.smooth import smooth
 from qcompile.train import freeze, train
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "get_recipe",
     "prepare",
     "report",
+    "smooth",
     "train",
     "export_onnx",
     "inspect_onnx",

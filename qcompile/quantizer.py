@@ -80,6 +80,9 @@ class Quantizer(nn.Module):
       `nn.Parameter` when `spec.learn_amax`.
     - `enabled`: when False the input passes through unchanged.
     - `observer`: set by calibration; while set, inputs are observed and passed through.
+    - `pre_scale`: None, or a per-channel factor along the last axis applied before anything
+      else (SmoothQuant, `qcompile.smooth`): the input quantizer of a Linear divides by s
+      and its weight quantizer multiplies by s, so the product is unchanged in float.
     """
 
     def __init__(self, spec: QuantSpec) -> None:
@@ -88,6 +91,7 @@ class Quantizer(nn.Module):
         self.enabled = True
         self.observer: Observer | None = None
         self.register_buffer("amax", torch.empty(0))
+        self.register_buffer("pre_scale", None)
 
     @property
     def calibrated(self) -> bool:
@@ -103,7 +107,21 @@ class Quantizer(nn.Module):
         else:
             self.amax = amax
 
+    def reset_amax(self) -> None:
+        """Back to uncalibrated (an empty buffer, also where the amax was learned)."""
+        if "amax" in self._parameters:
+            del self._parameters["amax"]
+        self.register_buffer("amax", torch.empty(0, device=self.amax.device))
+
+    def set_pre_scale(self, pre_scale: torch.Tensor | None) -> None:
+        """Install (or, with None, remove) the per-channel factor along the last axis."""
+        if pre_scale is not None:
+            pre_scale = pre_scale.detach().float().reshape(-1).to(self.amax.device)
+        self.pre_scale = pre_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_scale is not None:
+            x = x * self.pre_scale.to(x.dtype)
         if self.observer is not None:
             self.observer.observe(x.detach())
             return x
@@ -126,6 +144,9 @@ class Quantizer(nn.Module):
         key = prefix + "amax"
         if key in state_dict and state_dict[key].shape != self.amax.shape:
             self.set_amax(state_dict[key])
+        key = prefix + "pre_scale"
+        if key in state_dict and self.pre_scale is None:
+            self.set_pre_scale(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -136,6 +157,8 @@ class Quantizer(nn.Module):
         if spec.block_size is not None:
             parts.append(f"block_size={spec.block_size}")
         parts.append("dynamic" if spec.dynamic else ("learned" if spec.learn_amax else "static"))
+        if self.pre_scale is not None:
+            parts.append("smoothed")
         if not self.enabled:
             parts.append("disabled")
         return ", ".join(parts)

@@ -68,9 +68,12 @@ def run(kind: str, format_name: str, block_size: int | None, *tensors: torch.Ten
     global _compile_failed
     *data, amax = tensors
     if _use_compiled(data[0]):
+        # Plain tensors only: a Parameter would guard the compiled kernel on its type, and a
+        # weight arriving once as a Parameter and once as a product would recompile it.
+        plain = [t if t is None else t.detach() for t in (*data, amax)]
         try:
             with torch.no_grad():
-                return _compiled(kind, format_name, block_size, amax is not None)(*data, amax)
+                return _compiled(kind, format_name, block_size, amax is not None)(*plain)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
             _compile_failed = True
             warnings.warn(
