@@ -4,7 +4,9 @@
 batch-norm are still there to train) and, only where export fails, `torch.fx.symbolic_trace`
 with a warning. It captures a copy of the model in training mode, so the caller's model is
 never touched and every train-time op is in the graph (`passes.train_mode` makes them follow
-`.train()`/`.eval()` again). Failures become a `CaptureError` that names the construct, where
+`.train()`/`.eval()` again). The copy of the module tree shares the caller's tensors while
+torch.export traces it; their own copies are made on a second thread meanwhile (a copy is
+memory-bound, tracing is Python-bound) and swapped into the captured graph at the end. Failures become a `CaptureError` that names the construct, where
 it is in the user's code, and what to write instead. Nothing here knows about quantization.
 """
 
@@ -15,6 +17,7 @@ import inspect
 import os
 import traceback
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -51,13 +54,19 @@ def capture(
     `symbolic_trace` module (with a warning) where export fails but tracing works.
     """
     args, kwargs = _check_example_inputs(args, kwargs)
-    model = copy.deepcopy(model).train()
-    try:
-        return _export(model, args, kwargs, dynamic)
-    except Exception as export_error:  # noqa: BLE001 - every export failure is explained
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        copies = pool.submit(_copy_tensors, model)
+        structure = _structure_copy(model).train()
         try:
-            gm = _symbolic_trace(model, args, kwargs)
+            return _own_tensors(_export(structure, args, kwargs, dynamic), copies)
+        except Exception as error:  # noqa: BLE001 - every export failure is explained
+            export_error = error
+        try:
+            gm = _own_tensors(fx.symbolic_trace(structure, concrete_args=_constants(
+                structure, args, kwargs)), copies)
+            _propagate_shapes(gm, structure, args, kwargs)
         except Exception:  # noqa: BLE001 - the export error is the one worth reporting
+            model = _own_tensors(structure, copies)  # the explanation runs the model
             raise _explain(model, args, kwargs, export_error) from export_error
         warnings.warn(
             f"torch.export could not capture {type(model).__name__} "
@@ -66,6 +75,46 @@ def capture(
             stacklevel=3,
         )
         return gm
+
+
+def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+def _key(tensor: torch.Tensor) -> tuple:
+    """What identifies a tensor's memory across the wrappers export puts around it."""
+    return tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device
+
+
+def _copy_tensors(model: torch.nn.Module) -> dict[tuple, torch.Tensor]:
+    """An own copy of every parameter and buffer of `model`, keyed by its memory."""
+    with torch.no_grad():
+        return {_key(t): t.detach().clone() for t in _tensors(model)}
+
+
+def _structure_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree whose parameters and buffers are the caller's tensors."""
+    return copy.deepcopy(model, memo={id(t): t for t in _tensors(model)})
+
+
+def _own_tensors(module: torch.nn.Module, copies: Future) -> torch.nn.Module:
+    """Swap each parameter/buffer of `module` that is memory of the caller's model for its
+    copy (tied parameters stay tied); in place, returns `module`."""
+    copied = copies.result()
+    replaced: dict[int, torch.Tensor] = {}
+    for owner in module.modules():
+        for store, make in ((owner._parameters, _as_parameter), (owner._buffers, lambda t, _: t)):
+            for name, tensor in store.items():
+                if tensor is None:
+                    continue
+                if id(tensor) not in replaced and _key(tensor) in copied:
+                    replaced[id(tensor)] = make(copied[_key(tensor)], tensor)
+                store[name] = replaced.get(id(tensor), tensor)
+    return module
+
+
+def _as_parameter(data: torch.Tensor, like: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(data, requires_grad=like.requires_grad)
 
 
 def _check_example_inputs(args, kwargs) -> tuple[tuple, dict[str, Any]]:
@@ -95,16 +144,23 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
     return program.module()
 
 
-def _symbolic_trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+def _constants(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Arguments that hold no tensor: fixed in the trace, as export would fix them."""
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     bound.apply_defaults()
-    constants = {  # arguments that hold no tensor are fixed, as export would fix them
+    return {
         name: value for name, value in bound.arguments.items()
         if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
     }
-    gm = fx.symbolic_trace(model, concrete_args=constants)
-    ShapeProp(gm).propagate(*bound.arguments.values())  # shapes for match, and a test run
-    return gm
+
+
+def _propagate_shapes(
+    gm: fx.GraphModule, model: torch.nn.Module, args: tuple, kwargs: dict
+) -> None:
+    """Shapes for the match pass, and a test run of the graph traced from `model`."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    ShapeProp(gm).propagate(*bound.arguments.values())
 
 
 def _explain(model: torch.nn.Module, args: tuple, kwargs: dict, error: Exception) -> CaptureError:

@@ -161,3 +161,30 @@ def test_errors():
     _, prepared = _prepare("int8")
     with pytest.raises(ValueError, match="prepared already"):
         prepare(prepared, "int8", example_inputs=(torch.randn(2, 5, 32),))
+
+
+class TiedLM(nn.Module):
+    """An embedding tied to its output head, and a buffer (as in GPT-2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.fc = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("offset", torch.zeros(32))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(self.embed(ids) + self.offset))
+
+
+def test_prepared_model_owns_its_tensors_and_keeps_ties():
+    model = TiedLM()
+    prepared = prepare(model, "int8", example_inputs=(torch.randint(0, 50, (2, 5)),))
+    original = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
+    assert not original & {t.data_ptr() for t in (*prepared.parameters(), *prepared.buffers())}
+    named = dict(prepared.named_parameters(remove_duplicate=False))
+    assert named["head.weight"] is named["embed.weight"]  # the tie survives the copy
+    with torch.no_grad():
+        named["embed.weight"].add_(1.0)
+    assert not torch.equal(model.embed.weight, named["embed.weight"])
