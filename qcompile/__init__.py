@@ -44,15 +44,19 @@ __all__ = [
     "train",
     "export_onnx",
     "inspect_onnx",
+    "build_engine",
+    "run_engine",
     "QADTrainer",
 ]
 __version__ = "0.1.0"
 
-# Optional extras, imported on first use so that `import qcompile` needs neither onnx nor
-# transformers: name -> (module, attribute).
+# Optional extras, imported on first use so that `import qcompile` needs neither onnx,
+# tensorrt nor transformers: name -> (module, attribute).
 _LAZY = {
     "export_onnx": ("qcompile.backends.onnx", "export_onnx"),
     "inspect_onnx": ("qcompile.backends.onnx_rules", "inspect_onnx"),
+    "build_engine": ("qcompile.backends.tensorrt", "build_engine"),
+    "run_engine": ("qcompile.backends.tensorrt", "run_engine"),
     "QADTrainer": ("qcompile.hf", "QADTrainer"),
 }
 

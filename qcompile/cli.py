@@ -1,4 +1,4 @@
-"""The `qcompile` command line: `demo`, `inspect`, `formats`.
+"""The `qcompile` command line: `demo`, `inspect`, `build`, `formats`.
 
 Each subcommand parses its arguments and calls the public API; no logic lives here.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _formats(args: argparse.Namespace) -> int:
@@ -24,6 +25,62 @@ def _inspect(args: argparse.Namespace) -> int:
     report = inspect_onnx(args.model)
     print(report.render())
     return 1 if args.strict and report.warnings else 0
+
+
+def parse_shape(text: str) -> tuple[str, tuple[tuple[int, ...], ...]]:
+    """`name:1x64,8x64,64x64` -> ("name", ((1, 64), (8, 64), (64, 64)))."""
+    name, sep, spec = text.rpartition(":")
+    shapes = spec.split(",")
+    try:
+        if not sep or not name or len(shapes) != 3:
+            raise ValueError
+        return name, tuple(tuple(int(d) for d in shape.split("x")) for shape in shapes)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--shape {text!r}: expected name:min,opt,max with dims joined by x, "
+            "e.g. input:1x64,8x64,64x64"
+        ) from None
+
+
+def _build(args: argparse.Namespace) -> int:
+    import onnx
+
+    from qcompile.backends.onnx_rules import inspect_onnx
+    from qcompile.backends.tensorrt import (
+        EngineBuildError,
+        TensorRTNotInstalledError,
+        build_engine,
+        trtexec_command,
+    )
+    from qcompile.backends.tensorrt_formats import UnsupportedGPUError
+
+    engine = args.output or str(Path(args.model).with_suffix(".engine"))
+    shapes = dict(args.shape or [])
+    try:
+        onnx.checker.check_model(args.model)
+    except (onnx.checker.ValidationError, OSError) as error:
+        print(f"onnx.checker: {args.model} is not a valid ONNX model: {error}", file=sys.stderr)
+        return 1
+    print("onnx.checker: ok")
+    report = inspect_onnx(args.model)
+    print(report.render())
+    if args.strict and report.warnings:
+        print("error: --strict and inspect found TensorRT fusion warnings", file=sys.stderr)
+        return 1
+    try:
+        path = build_engine(args.model, engine, precision=args.precision,
+                            workspace_gb=args.workspace_gb, shapes=shapes,
+                            timing_cache=args.timing_cache, log_level=args.log_level,
+                            progress=not args.no_progress)
+    except TensorRTNotInstalledError as error:
+        print(f"error: {error}", file=sys.stderr)
+        print(f"equivalent: {trtexec_command(args.model, engine, shapes)}", file=sys.stderr)
+        return 1
+    except (EngineBuildError, UnsupportedGPUError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -59,6 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="path of the .onnx file")
     inspect.add_argument("--strict", action="store_true", help="exit 1 if any rule warns")
     inspect.set_defaults(run=_inspect)
+
+    build = commands.add_parser(
+        "build", help="check an ONNX file, then build a TensorRT engine from it (needs tensorrt)"
+    )
+    build.add_argument("model", help="path of the .onnx file")
+    build.add_argument("-o", "--output", help="engine path (default: the model path with .engine)")
+    build.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:MIN,OPT,MAX",
+                       help="shapes of a dynamic input, dims joined by x, e.g. "
+                            "input:1x64,8x64,64x64 (repeat per input)")
+    build.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace (GiB)")
+    build.add_argument("--timing-cache", help="timing cache file, read if present and saved")
+    build.add_argument("--precision", choices=["fp16", "bf16"],
+                       help="weakly typed float baseline (unquantized graphs, TensorRT 10 only)")
+    build.add_argument("--log-level", default="warning", choices=["verbose", "info", "warning", "error"])
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.add_argument("--strict", action="store_true", help="refuse to build if inspect warns")
+    build.set_defaults(run=_build)
 
     formats = commands.add_parser("formats", help="list the quantization formats")
     formats.set_defaults(run=_formats)
