@@ -66,12 +66,13 @@ class NextByteLoss(nn.Module):
 
 def float_gpt(args) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
     """The float GPT (trained here, cached under bench/.cache) and train/validation windows."""
-    config = char_gpt.GPTConfig()
+    config = char_gpt.GPTConfig(layers=args.gpt_layers, d_model=args.gpt_d_model)
     train_data = char_gpt.encode(corpus.source_text("train", max_chars=4_000_000))
     val_data = char_gpt.encode(corpus.source_text("val", max_chars=400_000))
-    train_windows = char_gpt.sample_batches(train_data, 32, config.seq_len, args.gpt_float_steps)
+    batch = args.gpt_batch
+    train_windows = char_gpt.sample_batches(train_data, batch, config.seq_len, args.gpt_float_steps)
     val_windows = char_gpt.sample_batches(val_data, 32, config.seq_len, args.gpt_eval_batches, seed=1)
-    path = CACHE / f"char_gpt_{args.gpt_float_steps}.pt"
+    path = CACHE / f"char_gpt_l{config.layers}_d{config.d_model}_b{batch}_{args.gpt_float_steps}.pt"
     torch.manual_seed(0)
     model = char_gpt.CharGPT(config)
     if path.exists():
@@ -246,7 +247,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of QAT and of QAD")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--minilm-lr", type=float, default=2e-5)
-    parser.add_argument("--gpt-float-steps", type=int, default=600)
+    parser.add_argument("--gpt-float-steps", type=int, default=1000)
+    parser.add_argument("--gpt-layers", type=int, default=4)
+    parser.add_argument("--gpt-d-model", type=int, default=128)
+    parser.add_argument("--gpt-batch", type=int, default=16, help="float training batch")
     parser.add_argument("--gpt-eval-batches", type=int, default=16)
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--minilm-train-texts", type=int, default=2048)
