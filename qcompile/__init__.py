@@ -1,11 +1,14 @@
 """qcompile: make a PyTorch model deployable in low precision.
 
-`prepare` (capture and insert quantizers), functional numerics (`fake_quantize`), calibration (`calibrate`, `smooth`), distillation (`Distiller`,
-`train`), and the per-site `report`. See README.md for the tour.
+`prepare` (capture and insert quantizers), functional numerics (`fake_quantize`), calibration
+(`calibrate`, `smooth`), distillation (`Distiller`, `train`), the per-site `report`, checkpoints
+(`save`, `load`) and FSDP2 sharding (`fully_shard`). See README.md for the tour.
 """
 
 from qcompile.calibrate import CalibrationWarning, calibrate
+from qcompile.checkpoint import CheckpointError, load, save
 from qcompile.distill import Distiller
+from qcompile.distributed import fully_shard
 from qcompile.fake_quant import fake_quantize
 from qcompile.formats import FORMATS, QuantFormat, get_format
 from qcompile.passes.capture import CaptureError
@@ -22,6 +25,7 @@ __all__ = [
     "RECIPES",
     "CalibrationWarning",
     "CaptureError",
+    "CheckpointError",
     "PreparedModel",
     "Recipe",
     "Site",
@@ -36,10 +40,13 @@ __all__ = [
     "calibrate",
     "fake_quantize",
     "freeze",
+    "fully_shard",
     "get_format",
     "get_recipe",
+    "load",
     "prepare",
     "report",
+    "save",
     "smooth",
     "train",
     "export_onnx",

@@ -3,8 +3,9 @@
 This module owns the calibration run: finding the quantizers that need a static amax,
 attaching an observer to each, running the data through the model in eval mode without
 gradients, and installing the amax each observer computes, or, on any error, leaving the
-model as it was. The statistics live in `qcompile.observers`; this module knows nothing of
-formats beyond `QuantSpec.needs_calibration`. Messages that are information, not errors, go
+model as it was. The statistics live in `qcompile.observers`, and their merging across the
+ranks of a distributed run in `qcompile.distributed`; this module knows nothing of formats
+beyond `QuantSpec.needs_calibration`. Messages that are information, not errors, go
 through `warnings` as `CalibrationWarning`.
 """
 
@@ -21,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qcompile.batches import call_with_batch
+from qcompile.distributed import is_main_process, merged_across_ranks, parallel_wrapper
 from qcompile.observers import AmaxObserver, check_percentile, get_observer_class
 from qcompile.quantizer import Quantizer
 
@@ -129,11 +131,19 @@ def calibrate(
             `data(model)` that runs the model itself.
         method: "max", "percentile", "mse" or "entropy" (see `qcompile.observers`).
         percentile: for method="percentile", in (0, 100]; default 99.99.
-        num_batches: stop after this many batches of an iterable.
-        progress: show a tqdm progress bar.
+        num_batches: stop after this many batches of an iterable (per rank).
+        progress: show a tqdm progress bar (on rank 0 only).
 
     Runs in eval mode under `torch.no_grad()` and restores every module's train/eval mode.
     On error no amax changes and no observer stays attached. Returns `model`.
+
+    Distributed (a `torch.distributed` process group of more than one rank is initialized):
+    call it on every rank, each with its own share of the data, before wrapping the model in
+    DDP/FSDP. The statistics are merged across ranks before the amax is computed, so every
+    rank installs the same amax, the one a single process would compute on all ranks' data:
+    exactly for max, percentile and entropy (the max, and histograms that merge exactly), and
+    for mse the max over ranks with each candidate's error summed over the ranks' samples.
+    If calibration fails on one rank, every rank raises.
     """
     observer_class = get_observer_class(method)
     options = {}
@@ -159,9 +169,17 @@ def calibrate(
         warnings.warn(f"no calibration needed: {reason}", CalibrationWarning, stacklevel=2)
         return model
 
+    wrapper = parallel_wrapper(model)
+    if wrapper and any(q.spec.learn_amax for _, q in targets):
+        raise ValueError(
+            f"calibrate the prepared model before wrapping it in {wrapper}: learned amax "
+            f"(learn_scales) become new parameters at calibration, which {wrapper} would "
+            "neither synchronize nor shard"
+        )
     observers = {q: observer_class(q.spec, name, **options) for name, q in targets}
-    with _eval_mode(model), _attached(observers):
-        _run_data(model, data, num_batches, progress)
+    labelled = [(name, observers[q]) for name, q in targets]
+    with merged_across_ranks(labelled), _eval_mode(model), _attached(observers):
+        _run_data(model, data, num_batches, progress and is_main_process())
 
     unobserved = [name for name, q in targets if observers[q].num_batches == 0]
     if len(unobserved) == len(targets):

@@ -5,7 +5,9 @@ This module owns the statistics of calibration, one small class per method (`max
 quantizer's `QuantSpec`: the amax it returns is 0-d per tensor (also the *global* amax of
 nvfp4), `(C,)` per channel along `spec.axis`, or `x.shape[:-1] + (K // block_size,)` per block
 for FP32-scaled block formats (int4). It knows nothing of graphs, models or data loaders;
-`qcompile.calibrate` attaches observers to quantizers and installs what they compute.
+`qcompile.calibrate` attaches observers to quantizers and installs what they compute. In a
+data-parallel run each observer also says how its statistics combine across ranks (`merge`,
+through a `Reduce` that `qcompile.distributed` supplies); it never calls torch.distributed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import enum
 import math
 from abc import ABC, abstractmethod
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -66,6 +68,13 @@ def reduce_per_amax(
     return getattr(blocks, reduce)(dim=-1)
 
 
+class Reduce(Protocol):
+    """Combines a tensor with its counterparts on every rank ("max" or "sum") and returns the
+    result. Every rank calls it in the same order with tensors of the same shape and dtype."""
+
+    def __call__(self, x: torch.Tensor, op: Literal["max", "sum"]) -> torch.Tensor: ...
+
+
 class AmaxObserver(ABC):
     """Base class: checks each tensor, skips empty ones, and hands the rest to `_update`.
 
@@ -98,11 +107,29 @@ class AmaxObserver(ABC):
             raise RuntimeError(f"{self.name} observed no data; run calibration data through it")
         return self._compute().float()
 
+    @property
+    def amax_shape(self) -> tuple[int, ...] | None:
+        """The shape of the amax this observer computes; None before it has seen data."""
+        return None if self.num_batches == 0 else ()
+
+    def merge(self, reduce: Reduce, num_batches: int, amax_shape: tuple[int, ...]) -> None:
+        """Combine these statistics with those of the other ranks, in place.
+
+        Afterwards `compute_amax` gives the amax of all ranks' data (and runs the collectives
+        it still needs). Every rank calls it, also one that saw no data, with the totals agreed
+        beforehand: `num_batches` over all ranks and the common `amax_shape`.
+        """
+        self._merge(reduce, amax_shape)
+        self.num_batches = num_batches
+
     @abstractmethod
     def _update(self, x: torch.Tensor) -> None: ...
 
     @abstractmethod
     def _compute(self) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _merge(self, reduce: Reduce, amax_shape: tuple[int, ...]) -> None: ...
 
     def _require_per_tensor(self, method: str, instead: str) -> None:
         if granularity(self.spec) is not Granularity.TENSOR:
@@ -133,17 +160,29 @@ class MaxObserver(AmaxObserver):
             )
         self.amax = torch.maximum(self.amax, batch_amax)
 
+    @property
+    def amax_shape(self) -> tuple[int, ...] | None:
+        return None if self.amax is None else tuple(self.amax.shape)
+
     def _compute(self) -> torch.Tensor:
         return self.amax
 
+    def _merge(self, reduce: Reduce, amax_shape: tuple[int, ...]) -> None:
+        # The union's max is the max of the ranks' maxima; zeros stand in for no data.
+        local = torch.zeros(amax_shape) if self.amax is None else self.amax
+        self.amax = reduce(local, "max")
+
 
 class MagnitudeHistogram:
-    """A histogram of |x| over [0, range) whose range doubles as larger values arrive.
+    """A histogram of |x| over [0, range) whose range is a power of two, doubled as larger
+    values arrive.
 
     Doubling the range merges pairs of bins exactly, so counts are never redistributed
     approximately; the price is resolution: the final bin width is `range / bins` with
-    `max|x| <= range < 2 * max|x|`. The counts live on the CPU; the binning runs on the
-    data's device.
+    `max|x| < range <= 2 * max|x|`. Because the range is a power of two, the bin of a value
+    depends only on the final range, not on the order in which the data came: histograms of
+    the same data split any way (across batches or ranks) merge exactly (`merge`). The counts
+    live on the CPU; the binning runs on the data's device.
     """
 
     def __init__(self, bins: int = 2048) -> None:
@@ -159,19 +198,27 @@ class MagnitudeHistogram:
         magnitude = magnitude.detach().flatten().float()
         top = magnitude.max().item()
         if top >= self.range and top > 0:
-            self._grow(top)
+            self._grow_to(math.ldexp(1.0, math.frexp(top)[1]))  # the power of two above top
         if self.range == 0:  # only zeros so far: they fall in bin 0 of any later range
             self.counts[0] += magnitude.numel()
             return
         index = (magnitude / self.bin_width).long().clamp(max=self.bins - 1)
         self.counts += torch.bincount(index, minlength=self.bins).cpu().double()
 
-    def _grow(self, top: float) -> None:
-        if self.range == 0:
-            self.range = top * (1 + 1e-6)  # the max itself must fall inside the last bin
+    def merge(self, reduce: Reduce) -> None:
+        """Become the histogram of every rank's data: the largest range, the summed counts."""
+        top = reduce(torch.tensor(self.range, dtype=torch.float64), "max").item()
+        if top > self.range:
+            self._grow_to(top)
+        self.counts = reduce(self.counts, "sum")
+
+    def _grow_to(self, new_range: float) -> None:
+        """Widen the range to `new_range` (a power of two): groups of bins merge exactly."""
+        if self.range == 0:  # only zeros so far (bin 0 of any range)
+            self.range = new_range
             return
-        factor = 2 ** math.ceil(math.log2(top / self.range) + 1e-9)
-        self.range *= factor
+        factor = round(new_range / self.range)
+        self.range = new_range
         target = torch.arange(self.bins) // min(factor, self.bins)
         self.counts = torch.zeros_like(self.counts).index_add_(0, target, self.counts)
 
@@ -208,6 +255,9 @@ class PercentileObserver(AmaxObserver):
     def _update(self, x: torch.Tensor) -> None:
         self.histogram.add(x.float().abs())
 
+    def _merge(self, reduce: Reduce, amax_shape: tuple[int, ...]) -> None:
+        self.histogram.merge(reduce)
+
     def _compute(self) -> torch.Tensor:
         counts = self.histogram.counts
         cumulative = counts.cumsum(0)
@@ -223,7 +273,9 @@ class MseObserver(MaxObserver):
 
     Each tensor, channel or block picks its own ratio (ties go to the larger amax). The error
     is summed over a bounded sample: the batches observed until `sample_elements` elements are
-    kept; later batches still raise the running max that the candidates scale.
+    kept; later batches still raise the running max that the candidates scale. Across ranks the
+    running max is the max over all ranks and each candidate's error is summed over the ranks'
+    samples, so every rank picks the same amax.
     """
 
     MSE_RATIOS = torch.linspace(1.0, 0.3, 36)  # steps of 0.02, largest first
@@ -235,6 +287,7 @@ class MseObserver(MaxObserver):
         self.sample: list[torch.Tensor] = []
         self.sample_elements = sample_elements
         self._kept = 0
+        self._reduce: Reduce | None = None
 
     def _update(self, x: torch.Tensor) -> None:
         super()._update(x)
@@ -245,6 +298,8 @@ class MseObserver(MaxObserver):
     def _compute(self) -> torch.Tensor:
         amax = super()._compute()
         errors = torch.stack([self._error(amax * ratio) for ratio in self.MSE_RATIOS])
+        if self._reduce is not None:
+            errors = self._reduce(errors, "sum")
         best = errors.argmin(dim=0)
         return amax * self.MSE_RATIOS.to(amax.device)[best]
 
@@ -255,6 +310,10 @@ class MseObserver(MaxObserver):
             y = fake_quantize(x, spec.format, amax=amax, axis=spec.axis, block_size=spec.block_size)
             total += reduce_per_amax((y.float() - x.float()).square(), spec, "sum")
         return total
+
+    def _merge(self, reduce: Reduce, amax_shape: tuple[int, ...]) -> None:
+        super()._merge(reduce, amax_shape)
+        self._reduce = reduce  # the candidates' errors are summed over ranks in _compute
 
 
 class EntropyObserver(AmaxObserver):
@@ -283,6 +342,9 @@ class EntropyObserver(AmaxObserver):
 
     def _update(self, x: torch.Tensor) -> None:
         self.histogram.add(x.float().abs())
+
+    def _merge(self, reduce: Reduce, amax_shape: tuple[int, ...]) -> None:
+        self.histogram.merge(reduce)
 
     def _compute(self) -> torch.Tensor:
         counts = self.histogram.counts

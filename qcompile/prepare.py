@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from qcompile.checkpoint import check_state_dict
 from qcompile.passes.attention import decompose_sdpa
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.capture import capture
@@ -47,6 +48,13 @@ class PreparedModel(fx.GraphModule):
         if before is not None and after is not None and after != before:
             retarget_devices(self, before, after)
         return result
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`, checked first: a state dict saved with other quantizer
+        specs (recorded in its metadata), other keys or other shapes raises a
+        `qcompile.CheckpointError` naming each, and nothing is loaded."""
+        check_state_dict(self, state_dict, strict=strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def _device(module: nn.Module) -> torch.device | None:

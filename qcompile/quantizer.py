@@ -8,8 +8,8 @@ It knows nothing of graphs (passes put it there) or of ONNX (backends read its s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -64,6 +64,20 @@ class QuantSpec:
     def with_(self, **changes) -> QuantSpec:
         return replace(self, **changes)
 
+    def describe(self) -> str:
+        """Short text for tables and messages, e.g. "int8, axis=0, dynamic"."""
+        parts = [self.format]
+        if self.axis is not None:
+            parts.append(f"axis={self.axis}")
+        if self.block_size is not None:
+            parts.append(f"block_size={self.block_size}")
+        parts.append("dynamic" if self.dynamic else ("learned" if self.learn_amax else "static"))
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain data (what checkpoints store)."""
+        return asdict(self)
+
 
 class Observer(Protocol):
     """Collects statistics of the tensors a quantizer sees during calibration."""
@@ -83,6 +97,11 @@ class Quantizer(nn.Module):
     - `pre_scale`: None, or a per-channel factor along the last axis applied before anything
       else (SmoothQuant, `qcompile.smooth`): the input quantizer of a Linear divides by s
       and its weight quantizer multiplies by s, so the product is unchanged in float.
+
+    `state_dict()` holds `amax` (and `pre_scale` once set); the spec and the `enabled` flag travel in the state dict's
+    metadata (`state_dict._metadata[path]["qcompile"]`, kept by `torch.save`), so that
+    `load_state_dict` restores `enabled` and a prepared model can refuse a state dict saved
+    with other specs (see `qcompile.checkpoint`).
     """
 
     def __init__(self, spec: QuantSpec) -> None:
@@ -92,6 +111,7 @@ class Quantizer(nn.Module):
         self.observer: Observer | None = None
         self.register_buffer("amax", torch.empty(0))
         self.register_buffer("pre_scale", None)
+        self.register_state_dict_post_hook(_record_spec)
 
     @property
     def calibrated(self) -> bool:
@@ -139,7 +159,7 @@ class Quantizer(nn.Module):
             x, self.spec.format, amax=amax, axis=self.spec.axis, block_size=self.spec.block_size
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         # A calibrated amax may be loaded into a fresh (uncalibrated) quantizer.
         key = prefix + "amax"
         if key in state_dict and state_dict[key].shape != self.amax.shape:
@@ -147,18 +167,19 @@ class Quantizer(nn.Module):
         key = prefix + "pre_scale"
         if key in state_dict and self.pre_scale is None:
             self.set_pre_scale(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        saved = (local_metadata or {}).get(METADATA_KEY)
+        if saved is not None:
+            self.enabled = bool(saved["enabled"])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        spec = self.spec
-        parts = [spec.format]
-        if spec.axis is not None:
-            parts.append(f"axis={spec.axis}")
-        if spec.block_size is not None:
-            parts.append(f"block_size={spec.block_size}")
-        parts.append("dynamic" if spec.dynamic else ("learned" if spec.learn_amax else "static"))
-        if self.pre_scale is not None:
-            parts.append("smoothed")
-        if not self.enabled:
-            parts.append("disabled")
-        return ", ".join(parts)
+        smoothed = ", smoothed" if self.pre_scale is not None else ""
+        return self.spec.describe() + smoothed + ("" if self.enabled else ", disabled")
+
+
+#: Key of a quantizer's entry in its state-dict metadata: {"spec": {...}, "enabled": bool}.
+METADATA_KEY = "qcompile"
+
+
+def _record_spec(module: Quantizer, state_dict, prefix: str, local_metadata: dict) -> None:
+    local_metadata[METADATA_KEY] = {"spec": module.spec.to_dict(), "enabled": module.enabled}

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from qcompile.calibrate import CalibrationData, CalibrationWarning, _eval_mode, _run_data
+from qcompile.distributed import all_reduce, is_distributed
 from qcompile.fake_quant import fake_quantize
 from qcompile.observers import MaxObserver
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
@@ -152,8 +153,25 @@ def choose_scale(pair: _Pair, alpha: float | str) -> torch.Tensor | None:
         return smoothing_scale(pair.input_amax, pair.weight_amax, alpha)
     candidates = [None] + [smoothing_scale(pair.input_amax, pair.weight_amax, a) for a in ALPHA_GRID]
     with torch.no_grad():
-        errors = [product_error(pair, s) for s in candidates]
-    return candidates[min(range(len(candidates)), key=errors.__getitem__)]
+        errors = torch.tensor([product_error(pair, s) for s in candidates], dtype=torch.float64)
+    if is_distributed():  # every rank picks the same candidate: errors over all ranks' rows
+        errors = all_reduce(errors, "sum")
+    return candidates[int(errors.argmin())]
+
+
+def _merge_across_ranks(pairs: list[_Pair]) -> None:
+    """Channel maxima over all ranks, so that every rank installs the same scales."""
+    seen = torch.tensor([float(p.input_amax is not None) for p in pairs])
+    if not torch.equal(all_reduce(seen, "max"), seen) or not torch.equal(
+        -all_reduce(-seen, "max"), seen
+    ):
+        raise ValueError(
+            "in a distributed run every rank must feed smoothing data that reaches the same "
+            "Linear sites; give each rank at least one batch"
+        )
+    for pair in pairs:
+        if pair.input_amax is not None:
+            pair.input_amax = all_reduce(pair.input_amax, "max")
 
 
 def smooth(
@@ -177,7 +195,8 @@ def smooth(
     Sets `pre_scale` on each smoothed site's input (1/s) and weight (s) quantizer. The float function
     of the model does not change. A static activation amax calibrated before is no longer
     valid and is cleared (a warning says so): calibrate afterwards. Returns the smoothed
-    site names. On error nothing changes.
+    site names. On error nothing changes. In a distributed run every rank computes the same
+    scales (channel maxima merged with MAX, each candidate's error summed over the ranks).
     """
     if alpha != "auto" and (
         isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1
@@ -191,6 +210,8 @@ def smooth(
         )
     with _eval_mode(model), _observing(model, pairs):
         _run_data(model, data, num_batches, progress)
+    if is_distributed():
+        _merge_across_ranks(pairs)
     unseen = [pair.site for pair in pairs if pair.input_amax is None or pair.weight_amax is None]
     if len(unseen) == len(pairs):
         raise ValueError(

@@ -2,6 +2,8 @@
 `percentile`, the fake-quantization error of the max amax for `mse`, the data max for
 `entropy`."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +113,20 @@ def test_histogram_grows_by_exact_bin_merges():
     assert histogram.counts.sum().item() == 6
     assert histogram.counts[0].item() == 4 and histogram.counts[1:].sum().item() == 2
     assert 3.0 < histogram.range < 6.0
+
+
+def test_histogram_bins_do_not_depend_on_the_order_of_the_data():
+    # Power-of-two ranges: what ranks see separately merges exactly (qcompile.distributed).
+    batches = [gaussian(500, seed, scale) for seed, scale in enumerate([0.3, 7.0, 1.5])]
+    forward, backward = MagnitudeHistogram(), MagnitudeHistogram()
+    for batch in batches:
+        forward.add(batch.abs())
+    for batch in reversed(batches):
+        backward.add(batch.abs())
+    top = max(batch.abs().max().item() for batch in batches)
+    assert forward.range == backward.range and top < forward.range <= 2 * top
+    assert math.log2(forward.range).is_integer()
+    assert torch.equal(forward.counts, backward.counts)
 
 
 def test_percentile_matches_numpy_within_one_bin():
