@@ -279,7 +279,8 @@ def test_smoothing_gives_every_rank_the_same_scales(ranks, alpha):
     assert rank0 and rank0.keys() == rank1.keys()
     assert_equal_tensors(rank0, rank1)
     if alpha == 0.5:  # a fixed alpha needs only the channel maxima: those of all the data
-        assert_equal_tensors(rank0, pre_scales(_smoothed(UNION, alpha)))
+        # (fc2's input comes out of fc1, whose GEMM may round differently in another process)
+        assert_equal_tensors(rank0, pre_scales(_smoothed(UNION, alpha)), rtol=1e-6, atol=0)
 
 
 def test_a_rank_without_data_takes_the_scales_of_the_others(ranks):
