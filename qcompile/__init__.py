@@ -12,7 +12,7 @@ from qcompile.passes.capture import CaptureError
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
 from qcompile.prepare import PreparedModel, prepare
 from qcompile.quantizer import QuantSpec, Quantizer
-from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe
+from qcompile.recipe import RECIPES, Recipe, RecipeWarning, SiteSpecs, get_recipe
 from qcompile.report import Report, report
 from qcompile.train import freeze, train
 
@@ -23,6 +23,7 @@ __all__ = [
     "CaptureError",
     "PreparedModel",
     "Recipe",
+    "RecipeWarning",
     "Site",
     "SiteKind",
     "SiteSpecs",

@@ -121,6 +121,15 @@ class Quantizer(nn.Module):
             x, self.spec.format, amax=amax, axis=self.spec.axis, block_size=self.spec.block_size
         )
 
+    def _apply(self, fn, recurse=True):
+        # `.half()` / `.to(torch.bfloat16)` on the model must not round the range: amax (and
+        # so every scale) stays float32, as the numerics contract has it; devices still move.
+        before = self.amax.data
+        result = super()._apply(fn, recurse)
+        if self.amax.dtype != before.dtype and before.dtype == torch.float32:
+            self.amax.data = before.to(self.amax.device)
+        return result
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A calibrated amax may be loaded into a fresh (uncalibrated) quantizer.
         key = prefix + "amax"
