@@ -149,7 +149,7 @@ def _eager_failure(model: torch.nn.Module, args: tuple, kwargs: dict) -> Excepti
 def _inputs_and_model(model: torch.nn.Module, args: tuple, kwargs: dict) -> str:
     """'Example inputs: x: float32[4, 31] on cpu; model parameters: float32 on cpu'."""
     dtype, device = model_dtype_device(model)
-    text = f"Example inputs: {describe_call(args, kwargs) or 'none'}"
+    text = f"Example inputs: {describe_call(model, args, kwargs) or 'none'}"
     if dtype is not None:
         text += f"; model parameters: {str(dtype).removeprefix('torch.')} on {device}"
     devices = {leaf.device for leaf in pytree.tree_leaves((args, kwargs))

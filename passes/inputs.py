@@ -12,6 +12,7 @@ what it got. It knows nothing of quantization.
 from __future__ import annotations
 
 import inspect
+import itertools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -42,7 +43,7 @@ class TensorSpec:
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
     """The dtype of the first floating-point parameter (or buffer), and its device."""
-    for tensor in (*model.parameters(), *model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype, tensor.device
     return None, None
@@ -67,9 +68,12 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def describe_call(args: tuple, kwargs: dict) -> str:
-    """'x: float32[4, 32] on cpu, mode: 'a'' for error messages."""
-    items = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+def describe_call(model: nn.Module, args: tuple, kwargs: dict) -> str:
+    """"x: float32[4, 32] on cpu, mode: 'a'" for error messages."""
+    try:
+        items = list(inspect.signature(model.forward).bind(*args, **kwargs).arguments.items())
+    except (TypeError, ValueError):
+        items = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
     return ", ".join(f"{name}{path}: {_show(leaf)}"
                      for name, value in items for path, leaf in _leaves(value))
 
@@ -107,6 +111,19 @@ class InputSignature:
             if isinstance(spec, TensorSpec) and isinstance(val, torch.Tensor):
                 fixed = tuple(int(d) if is_concrete_int(d) else None for d in val.shape)
                 self.arguments[name][path] = replace(spec, fixed=fixed)
+
+    def fixed_small_dims(self) -> list[tuple[str, int, int]]:
+        """(input, axis, size) of every dimension fixed to 0 or 1 because the example had it
+        (torch.export specializes those sizes even where the model would take others)."""
+        if not self.dynamic:
+            return []
+        return [
+            (f"{name}{path}", axis, size)
+            for name, specs in self.arguments.items() for path, spec in specs.items()
+            if isinstance(spec, TensorSpec)
+            for axis, (size, fixed) in enumerate(zip(spec.shape, spec.fixed))
+            if size in (0, 1) and fixed == size
+        ]
 
     def check_call(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """Raise a ValueError naming the first argument the prepared model cannot take."""
@@ -146,11 +163,14 @@ def _check_leaf(name: str, expected: Any, got: Any, dtype, device) -> None:
         )
     for axis, (size, fixed) in enumerate(zip(got.shape, expected.fixed)):
         if fixed is not None and size != fixed:
+            why = ("torch.export fixes example sizes 0 and 1: prepare again with an example of "
+                   "size 2 or more there" if fixed in (0, 1) else
+                   "the model needs that size, or it was prepared with dynamic=False: pass "
+                   "that size, or prepare again with an example of this shape")
             raise ValueError(
                 f"input {name!r} has shape {list(got.shape)}, but dimension {axis} was fixed "
                 f"to {fixed} when the model was prepared (example shape "
-                f"{list(expected.shape)}); the model needs that size, or it was prepared with "
-                "dynamic=False. Pass that size, or prepare again with an example of this shape."
+                f"{list(expected.shape)}); {why}."
             )
     if expected.model_device and device is not None and got.device != device:
         raise ValueError(

@@ -10,9 +10,9 @@ from qcompile.fake_quant import fake_quantize
 from qcompile.formats import FORMATS, QuantFormat, get_format
 from qcompile.passes.capture import CaptureError
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
-from qcompile.prepare import PreparedModel, prepare
+from qcompile.prepare import PreparedModel, PrepareWarning, prepare
 from qcompile.quantizer import QuantSpec, Quantizer
-from qcompile.recipe import RECIPES, Recipe, RecipeWarning, SiteSpecs, get_recipe
+from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe
 from qcompile.report import Report, report
 from qcompile.train import freeze, train
 
@@ -22,8 +22,8 @@ __all__ = [
     "CalibrationWarning",
     "CaptureError",
     "PreparedModel",
+    "PrepareWarning",
     "Recipe",
-    "RecipeWarning",
     "Site",
     "SiteKind",
     "SiteSpecs",

@@ -86,7 +86,8 @@ class QuantizedCausalLM(transformers.PreTrainedModel, transformers.GenerationMix
                 "prepare it with attention_mask in example_kwargs"
             )
         if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            position_ids = attention_mask.long().cumsum(-1) - 1
+            position_ids = position_ids.masked_fill(attention_mask == 0, 0)
         given = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "position_ids": position_ids, "use_cache": False, **kwargs}
         output = self.prepared(**{k: v for k, v in given.items() if k in expected})

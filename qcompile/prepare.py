@@ -28,10 +28,15 @@ from qcompile.passes.match import SDPA_OPS, assign_specs, find_sites, is_target
 from qcompile.passes.sites import Site, SiteStatus
 from qcompile.passes.train_mode import bind_training_mode
 from qcompile.quantizer import Quantizer
-from qcompile.recipe import Recipe, RecipeWarning, get_recipe
+from qcompile.recipe import Recipe, get_recipe
 
 # GraphModule.__deepcopy__ keeps only the attributes listed under this key of `meta`.
 _PRESERVED = "_user_preserved_attributes"
+
+
+class PrepareWarning(UserWarning):
+    """`prepare` worked, but not quite as asked: a recipe pattern matches no site, no site is
+    quantized, or an example size of 0 or 1 was fixed in the graph."""
 
 
 class PreparedModel(fx.GraphModule):
@@ -153,6 +158,7 @@ def prepare(
     prepared = _as_prepared(gm, sites, recipe, inputs, type(model).__name__)
     prepared.train(model.training)
     _warn_nothing_quantized(model, sites)
+    _warn_fixed_small_dims(inputs)
     return prepared
 
 
@@ -181,7 +187,20 @@ def _warn_unmatched(recipe: Recipe, sites: list[Site]) -> None:
         warnings.warn(
             f"{kind} pattern {pattern!r} matches no site{hint}; the {len(names)} sites are "
             f"named like: {shown or '(none)'} (qcompile.report(qmodel) lists them all)",
-            RecipeWarning,
+            PrepareWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_fixed_small_dims(inputs: InputSignature) -> None:
+    fixed = inputs.fixed_small_dims()
+    if fixed:
+        shown = ", ".join(f"{name!r} dimension {axis} (size {size})" for name, axis, size in fixed)
+        warnings.warn(
+            f"the prepared model only takes the example's size in {shown}: torch.export fixes "
+            "sizes 0 and 1. Prepare with an example of size 2 or more there (e.g. a batch of 2) "
+            "to keep it dynamic.",
+            PrepareWarning,
             stacklevel=3,
         )
 
@@ -196,7 +215,7 @@ def _warn_nothing_quantized(model: nn.Module, sites: list[Site]) -> None:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in sites[:4])
         message = (f"none of the {len(sites)} sites of {type(model).__name__} is quantized "
                    f"({reasons}{'; ...' if len(sites) > 4 else ''})")
-    warnings.warn(message, RecipeWarning, stacklevel=3)
+    warnings.warn(message, PrepareWarning, stacklevel=3)
 
 
 def _quantized_attention(gm: fx.GraphModule, sites: list[Site]) -> set[str]:

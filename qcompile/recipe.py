@@ -28,10 +28,6 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 )
 
 
-class RecipeWarning(UserWarning):
-    """A recipe does not do what it says on this model (a pattern matches no site, ...)."""
-
-
 @dataclass(frozen=True)
 class SiteSpecs:
     """The specs of one kind of site: `weight` for its weight, `input` for its activations.

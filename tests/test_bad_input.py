@@ -48,7 +48,7 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
 
 def _quiet_prepare(model, recipe, *args, **kwargs):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", qc.RecipeWarning)
+        warnings.simplefilter("ignore", qc.PrepareWarning)
         return qc.prepare(model, recipe, *args, **kwargs)
 
 
@@ -83,7 +83,7 @@ def test_patterns_that_match_no_site_warn_with_the_site_names():
     recipe = qc.get_recipe("int8").with_(
         exclude=["fc3", "*decoder*", *qc.Recipe().exclude], overrides={"mlp.fc1": None}
     )
-    with pytest.warns(qc.RecipeWarning) as caught:
+    with pytest.warns(qc.PrepareWarning) as caught:
         prepared = qc.prepare(_mlp(), recipe, (_x(),))
     messages = sorted(str(w.message) for w in caught)
     assert len(messages) == 3  # the default output-head patterns do not warn
@@ -106,9 +106,9 @@ def test_matching_patterns_do_not_warn():
 
 def test_a_recipe_that_quantizes_nothing_warns_and_calibrate_says_why():
     model = MLP(dim=48).eval()  # K=48: not a multiple of int4's blocks of 128
-    with pytest.warns(qc.RecipeWarning, match=r"none of the 2 sites of MLP is quantized \(fc1: K=48"):
+    with pytest.warns(qc.PrepareWarning, match=r"none of the 2 sites of MLP is quantized \(fc1: K"):
         prepared = qc.prepare(model, "w4a8", (torch.randn(2, 48),))
-    with pytest.raises(ValueError, match=r"none of its 2 sites is quantized \(fc1: unsupported, K=48"):
+    with pytest.raises(ValueError, match=r"none of its 2 sites is quantized \(fc1: unsupported"):
         qc.calibrate(prepared, [torch.randn(2, 48)], progress=False)
 
 
@@ -174,10 +174,11 @@ def test_non_finite_gradients_skip_the_step_and_name_the_parameters():
 
 
 @pytest.mark.parametrize("x, match", [
-    (torch.randn(4, DIM - 1), r"shapes cannot be multiplied.*Example inputs: input 0: "
+    (torch.randn(4, DIM - 1), r"shapes cannot be multiplied.*Example inputs: x: "
                               r"float32\[4, 127\] on cpu; model parameters: float32 on cpu"),
-    (torch.randn(4, DIM, dtype=torch.float64), r"site fc1 \(linear\) multiplies a float64 input "
-                                               r"by a float32 operand; .*example input 'x' \(float64\)"),
+    (torch.randn(4, DIM, dtype=torch.float64),
+     r"site fc1 \(linear\) multiplies a float64 input by a float32 operand; .*example input "
+     r"'x' \(float64\)"),
     (torch.randint(0, 5, (4, DIM)), r"multiplies a int64 input.*x.to\(torch.float32\)"),
     (torch.randn(4, DIM, device="meta"), r"float32\[4, 128\] on meta.*put the example tensors "
                                          r"on cpu, the model's device"),
@@ -243,8 +244,18 @@ def test_the_input_check_follows_the_model_dtype_and_other_sizes_pass(with_optio
     half = qc.prepare(WithOptions().eval(), "mxfp8", (torch.randn(2, 5, DIM),), {"mode": "sum"})
     half.half()
     assert half(torch.randn(2, 5, DIM).half(), mode="sum").dtype == torch.float16
-    with pytest.raises(ValueError, match="is float32 but the prepared model's parameters are float16"):
+    with pytest.raises(ValueError, match="is float32 but the prepared model's parameters are "
+                                         "float16"):
         half(torch.randn(2, 5, DIM), mode="sum")
+
+
+def test_an_example_of_size_one_warns_that_the_size_is_fixed():
+    with pytest.warns(qc.PrepareWarning, match=r"only takes the example's size in 'x' dimension 0 "
+                                                r"\(size 1\).*a batch of 2"):
+        prepared = qc.prepare(_mlp(), "mxfp8", (_x(1),))
+    with pytest.raises(ValueError, match="fixes example sizes 0 and 1: prepare again with an "
+                                         "example of size 2 or more there"):
+        prepared(_x(3))
 
 
 # -- float16 / bfloat16 models ----------------------------------------------------------------

@@ -61,7 +61,8 @@ def test_dtype_conversion_keeps_amax_float32_and_devices_move():
         quantizer.set_amax(torch.tensor(3.14159))
         parameter = quantizer.amax
         quantizer.to(torch.bfloat16)
-        assert quantizer.amax.dtype == torch.float32 and quantizer.amax.item() == pytest.approx(3.14159)
+        assert quantizer.amax.dtype == torch.float32
+        assert quantizer.amax.item() == pytest.approx(3.14159)
         if quantizer.spec.learn_amax:
             assert quantizer.amax is parameter  # still the Parameter the optimizer holds
         quantizer.half().to("meta")

@@ -47,7 +47,7 @@ def test_check_call_names_the_nested_leaf():
     signature = InputSignature.record(model, args, kwargs)
     signature.check_call(model, args, kwargs)  # the example itself fits
     bad = {"extra": {"bias": torch.zeros(4, dtype=torch.float16), "ids": torch.ones(2).long()}}
-    with pytest.raises(ValueError, match=r"input \"extra\['bias'\]\" is float16 .*\.to\(torch.float32\)"):
+    with pytest.raises(ValueError, match=r"\"extra\['bias'\]\" is float16 .*\.to\(torch.float32\)"):
         signature.check_call(model, args, bad)
     floats = {"extra": {"bias": torch.zeros(4), "ids": torch.ones(2)}}
     with pytest.raises(ValueError, match=r"was prepared with int64 \(integer\) there"):
