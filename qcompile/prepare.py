@@ -55,6 +55,11 @@ class PreparedModel(fx.GraphModule):
     qcompile_inputs: InputSignature
     qcompile_model_class: str
 
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)  # GraphModule drops forward hooks when it copies
+        copied.register_forward_pre_hook(_check_call, with_kwargs=True)
+        return copied
+
     def _apply(self, fn, recurse=True):
         before = _device(self)
         result = super()._apply(fn, recurse)
