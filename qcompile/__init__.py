@@ -57,9 +57,11 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name == "hf":  # the Hugging Face integration: qcompile.hf.prepare_causal_lm, ...
+        return importlib.import_module("qcompile.hf")
+    if name in _LAZY:
         module, attribute = _LAZY[name]
         return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'qcompile' has no attribute {name!r}")

@@ -97,6 +97,7 @@ def test_labels_give_the_next_token_loss_and_a_cache_is_refused(lm):
 
 
 def test_prepare_causal_lm_refuses_other_models():
+    assert qc.hf is hf  # qcompile.hf is reachable from the package without an import
     with pytest.raises(TypeError, match="use qcompile.prepare for other models"):
         hf.prepare_causal_lm(nn.Linear(4, 4))
     config = CONFIGS["gpt2"]()
