@@ -12,8 +12,10 @@ it is in the user's code, and what to write instead. Nothing here knows about qu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
 import os
 import traceback
 import warnings
@@ -27,6 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 import qcompile
+from qcompile.passes.inputs import describe_call, model_dtype_device
 
 #: Frames in these directories are ours or torch's, never the construct to report.
 _LIBRARY_DIRS = tuple(
@@ -160,7 +163,8 @@ def _propagate_shapes(
     """Shapes for the match pass, and a test run of the graph traced from `model`."""
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     bound.apply_defaults()
-    ShapeProp(gm).propagate(*bound.arguments.values())
+    with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints every failure's traceback
+        ShapeProp(gm).propagate(*bound.arguments.values())
 
 
 def _explain(model: torch.nn.Module, args: tuple, kwargs: dict, error: Exception) -> CaptureError:
@@ -170,14 +174,16 @@ def _explain(model: torch.nn.Module, args: tuple, kwargs: dict, error: Exception
         return CaptureError(
             f"cannot capture {name}: the model itself fails on the example inputs"
             f"{_where(eager_error)}: {type(eager_error).__name__}: {_first_line(eager_error)}. "
-            "Fix example_inputs / example_kwargs so that model(*example_inputs, "
-            "**example_kwargs) runs."
+            f"{_inputs_and_model(model, args, kwargs)}. Fix example_inputs / example_kwargs "
+            "so that model(*example_inputs, **example_kwargs) runs."
         )
     if "data-dependent" in str(error) or "data dependent" in str(error):
         return CaptureError(
             f"cannot capture {name}: data-dependent control flow{_where(error)} (a Python "
             "branch, .item() or .tolist() on a tensor's value). Use torch.cond for the branch, "
-            "compute it from shapes instead of values, or move it out of forward()."
+            "make it static (compute it from shapes or arguments, not values), move it out of "
+            "forward(), or prepare only the submodules without it "
+            "(qcompile.prepare(model.encoder, ...))."
         )
     return CaptureError(
         f"cannot capture {name}: torch.export cannot trace a construct{_where(error)}: "
@@ -194,6 +200,19 @@ def _eager_failure(model: torch.nn.Module, args: tuple, kwargs: dict) -> Excepti
     except Exception as error:  # noqa: BLE001 - any failure means the inputs do not fit
         return error
     return None
+
+
+def _inputs_and_model(model: torch.nn.Module, args: tuple, kwargs: dict) -> str:
+    """'Example inputs: x: float32[4, 31] on cpu; model parameters: float32 on cpu'."""
+    dtype, device = model_dtype_device(model)
+    text = f"Example inputs: {describe_call(model, args, kwargs) or 'none'}"
+    if dtype is not None:
+        text += f"; model parameters: {str(dtype).removeprefix('torch.')} on {device}"
+    devices = {leaf.device for leaf in pytree.tree_leaves((args, kwargs))
+               if isinstance(leaf, torch.Tensor)}
+    if device is not None and devices - {device}:
+        text += f" (put the example tensors on {device}, the model's device)"
+    return text
 
 
 def _where(error: BaseException) -> str:

@@ -17,13 +17,16 @@ def _same(a: torch.device, b: torch.device) -> bool:
 
 
 def retarget_devices(gm: fx.GraphModule, old: torch.device, new: torch.device) -> fx.GraphModule:
-    """Replace device constants equal to `old` by `new` in `gm` (in place); returns `gm`."""
+    """Replace device constants equal to `old` by `new` in `gm` and in the graphs nested in
+    it (the bodies of autocast regions, torch.cond branches), in place; returns `gm`."""
 
     def swap(value):
         return new if isinstance(value, torch.device) and _same(value, old) else value
 
-    for node in gm.graph.nodes:
-        node.args = map_aggregate(node.args, swap)
-        node.kwargs = map_aggregate(node.kwargs, swap)
-    gm.recompile()
+    for module in gm.modules():
+        if isinstance(module, fx.GraphModule):
+            for node in module.graph.nodes:
+                node.args = map_aggregate(node.args, swap)
+                node.kwargs = map_aggregate(node.kwargs, swap)
+            module.recompile()
     return gm

@@ -13,7 +13,7 @@ from qcompile.fake_quant import fake_quantize
 from qcompile.formats import FORMATS, QuantFormat, get_format
 from qcompile.passes.capture import CaptureError
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
-from qcompile.prepare import PreparedModel, prepare
+from qcompile.prepare import PreparedModel, PrepareWarning, prepare
 from qcompile.quantizer import QuantSpec, Quantizer
 from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe
 from qcompile.report import Report, report
@@ -27,6 +27,7 @@ __all__ = [
     "CaptureError",
     "CheckpointError",
     "PreparedModel",
+    "PrepareWarning",
     "Recipe",
     "Site",
     "SiteKind",
@@ -69,9 +70,11 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name == "hf":  # the Hugging Face integration: qcompile.hf.prepare_causal_lm, ...
+        return importlib.import_module("qcompile.hf")
+    if name in _LAZY:
         module, attribute = _LAZY[name]
         return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'qcompile' has no attribute {name!r}")

@@ -157,6 +157,14 @@ def calibrate(
     _check_num_batches(num_batches)
 
     quantizers = named_quantizers(model)
+    sites = getattr(model, "qcompile_sites", None)
+    if not quantizers and sites:
+        reasons = "; ".join(f"{s.name}: {s.status.value}, {s.reason}" for s in sites[:4])
+        raise ValueError(
+            f"the model has no quantizers to calibrate: none of its {len(sites)} sites is "
+            f"quantized ({reasons}{'; ...' if len(sites) > 4 else ''}); see qcompile.report"
+            "(model), and adjust the recipe (exclude, overrides, block_size)"
+        )
     if not quantizers:
         raise ValueError(
             "the model has no quantizers to calibrate; prepare it first with "

@@ -1,8 +1,11 @@
-"""Hugging Face `Trainer` integration: QAD by overriding `compute_loss`.
+"""Hugging Face integration: QAD with the `Trainer`, generation, and checkpoints.
 
 `QADTrainer` is a `transformers.Trainer` whose loss is a `qcompile.Distiller`'s: the frozen
 float teacher's outputs on the same batch, KL on logits (labels are dropped; none are needed).
-Import this module only where transformers is installed; the rest of qcompile never needs it.
+`prepare_causal_lm` / `QuantizedCausalLM` (in `hf_causal_lm`) make a prepared causal LM that
+`generate()` drives; `save_quantized` / `load_quantized` (in `hf_checkpoint`) write and read a
+`save_pretrained`-style directory with a `quantization_config`. Import this module only where
+transformers is installed; the rest of qcompile never needs it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,16 @@ import transformers
 from torch import nn
 
 from qcompile.distill import Distiller
+from qcompile.hf_causal_lm import QuantizedCausalLM, prepare_causal_lm
+from qcompile.hf_checkpoint import load_quantized, save_quantized
+
+__all__ = [
+    "QADTrainer",
+    "QuantizedCausalLM",
+    "load_quantized",
+    "prepare_causal_lm",
+    "save_quantized",
+]
 
 
 class QADTrainer(transformers.Trainer):

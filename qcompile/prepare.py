@@ -10,6 +10,9 @@ numerics (quantizers do) or of backends.
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -18,16 +21,23 @@ from torch import fx, nn
 from qcompile.checkpoint import check_state_dict
 from qcompile.passes.attention import decompose_sdpa
 from qcompile.passes.canonicalize import canonicalize
-from qcompile.passes.capture import capture
+from qcompile.passes.capture import CaptureError, capture
 from qcompile.passes.devices import retarget_devices
+from qcompile.passes.inputs import InputSignature, site_operand_problem
 from qcompile.passes.insert import insert_quantizers
 from qcompile.passes.match import SDPA_OPS, assign_specs, find_sites, is_target
 from qcompile.passes.sites import Site, SiteStatus
 from qcompile.passes.train_mode import bind_training_mode
+from qcompile.quantizer import Quantizer
 from qcompile.recipe import Recipe, get_recipe
 
 # GraphModule.__deepcopy__ keeps only the attributes listed under this key of `meta`.
 _PRESERVED = "_user_preserved_attributes"
+
+
+class PrepareWarning(UserWarning):
+    """`prepare` worked, but not quite as asked: a recipe pattern matches no site, no site is
+    quantized, or an example size of 0 or 1 was fixed in the graph."""
 
 
 class PreparedModel(fx.GraphModule):
@@ -36,10 +46,20 @@ class PreparedModel(fx.GraphModule):
     Attributes:
         qcompile_sites: every site found, quantized or not (with the reason it is not).
         qcompile_recipe: the recipe it was prepared with.
+        qcompile_inputs: the example call; each call is checked against it (dtype and device
+            of tensors that had the model's, rank, sizes and constants fixed in the graph).
+        qcompile_model_class: the class name of the model it was prepared from.
     """
 
     qcompile_sites: list[Site]
     qcompile_recipe: Recipe
+    qcompile_inputs: InputSignature
+    qcompile_model_class: str
+
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)  # GraphModule drops forward hooks when it copies
+        copied.register_forward_pre_hook(_check_call, with_kwargs=True)
+        return copied
 
     def _apply(self, fn, recurse=True):
         before = _device(self)
@@ -64,7 +84,15 @@ def _device(module: nn.Module) -> torch.device | None:
     return None if tensor is None else tensor.device
 
 
-def _as_prepared(gm: fx.GraphModule, sites: list[Site], recipe: Recipe) -> PreparedModel:
+def _check_call(module: PreparedModel, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: the call must fit the example call (not checked while compiling)."""
+    if not torch.compiler.is_compiling():
+        module.qcompile_inputs.check_call(module, args, kwargs)
+
+
+def _as_prepared(
+    gm: fx.GraphModule, sites: list[Site], recipe: Recipe, inputs: InputSignature, source: str
+) -> PreparedModel:
     class GraphModuleImpl(PreparedModel):  # GraphModule installs forward on a per-instance class
         pass
 
@@ -75,10 +103,19 @@ def _as_prepared(gm: fx.GraphModule, sites: list[Site], recipe: Recipe) -> Prepa
         if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
             del gm._forward_pre_hooks[key]
     preserved = gm.meta.setdefault(_PRESERVED, {})
-    preserved.update(qcompile_sites=sites, qcompile_recipe=recipe)
+    preserved.update(qcompile_sites=sites, qcompile_recipe=recipe, qcompile_inputs=inputs,
+                     qcompile_model_class=source)
     gm.qcompile_sites = sites
     gm.qcompile_recipe = recipe
+    gm.qcompile_inputs = inputs
+    gm.qcompile_model_class = source
+    inputs.fix_dims(gm)
+    gm.register_forward_pre_hook(_check_call, with_kwargs=True)
     gm.recompile()
+    inputs.names = tuple(  # how the prepared forward binds positional arguments
+        name for name, parameter in inspect.signature(gm.forward).parameters.items()
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    )
     return gm
 
 
@@ -102,26 +139,96 @@ def prepare(
 
     Static quantizers (the activations of int8, fp8, nvfp4, w4a8) need
     `qcompile.calibrate` before the first forward pass.
+
+    Errors leave `model` as it was. A model in float16 or bfloat16 works as is (quantizers
+    compute in float32 and return the model's dtype; their amax stays float32). A model on
+    the meta device is captured without allocating weights; then
+    `qmodel.to_empty(device=...)` and `qmodel.load_state_dict(float_state, strict=False)`
+    (the missing keys are the quantizers' amax) give it weights.
     """
     recipe = get_recipe(recipe)
-    if isinstance(model, PreparedModel):
-        raise ValueError("this model is prepared already; prepare the original model instead")
+    _check_not_prepared(model)
     if not example_inputs and not example_kwargs:
         raise ValueError(
             "prepare needs an example call to capture the model: write "
             "prepare(model, recipe, example_inputs=(x,)) or example_kwargs={...}"
         )
     gm = canonicalize(capture(model, example_inputs, example_kwargs, dynamic=dynamic))
+    inputs = InputSignature.record(
+        model, tuple(example_inputs), dict(example_kwargs or {}), dynamic
+    )
     sites = assign_specs(find_sites(gm), recipe)
+    problem = site_operand_problem(gm, sites)
+    if problem is not None:
+        raise CaptureError(f"cannot capture {type(model).__name__}: {problem}")
+    _warn_unmatched(recipe, sites)
     attention = _quantized_attention(gm, sites)
     if attention:
         decompose_sdpa(gm, attention)
         sites = assign_specs(find_sites(gm), recipe)
     sites = insert_quantizers(gm, sites)
     bind_training_mode(gm)
-    prepared = _as_prepared(gm, sites, recipe)
+    prepared = _as_prepared(gm, sites, recipe, inputs, type(model).__name__)
     prepared.train(model.training)
+    _warn_nothing_quantized(model, sites)
+    _warn_fixed_small_dims(inputs)
     return prepared
+
+
+def _check_not_prepared(model: nn.Module) -> None:
+    if isinstance(model, PreparedModel):
+        raise ValueError("this model is prepared already; prepare the original model instead")
+    quantizer = next((n for n, m in model.named_modules() if isinstance(m, Quantizer)), None)
+    if quantizer is not None:
+        raise ValueError(
+            f"the model holds a qcompile quantizer already ({quantizer}): it is, or contains, a "
+            "prepared model. Prepare the original float model instead, once."
+        )
+
+
+def _warn_unmatched(recipe: Recipe, sites: list[Site]) -> None:
+    names = [site.name for site in sites]
+    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    for kind, pattern in recipe.unmatched_patterns(names):
+        close = difflib.get_close_matches(pattern.strip("*"), names, n=3, cutoff=0.5)
+        if close:
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)"
+        elif "*" not in pattern:
+            hint = f" (patterns match whole names: write '*{pattern}*' to match a part)"
+        else:
+            hint = ""
+        warnings.warn(
+            f"{kind} pattern {pattern!r} matches no site{hint}; the {len(names)} sites are "
+            f"named like: {shown or '(none)'} (qcompile.report(qmodel) lists them all)",
+            PrepareWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_fixed_small_dims(inputs: InputSignature) -> None:
+    fixed = inputs.fixed_small_dims()
+    if fixed:
+        shown = ", ".join(f"{name!r} dimension {axis} (size {size})" for name, axis, size in fixed)
+        warnings.warn(
+            f"the prepared model only takes the example's size in {shown}: torch.export fixes "
+            "sizes 0 and 1. Prepare with an example of size 2 or more there (e.g. a batch of 2) "
+            "to keep it dynamic.",
+            PrepareWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_nothing_quantized(model: nn.Module, sites: list[Site]) -> None:
+    if any(site.status is SiteStatus.QUANTIZED for site in sites):
+        return
+    if not sites:
+        message = (f"found no Linear, matmul or convolution in {type(model).__name__}; "
+                   "nothing is quantized")
+    else:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in sites[:4])
+        message = (f"none of the {len(sites)} sites of {type(model).__name__} is quantized "
+                   f"({reasons}{'; ...' if len(sites) > 4 else ''})")
+    warnings.warn(message, PrepareWarning, stacklevel=3)
 
 
 def _quantized_attention(gm: fx.GraphModule, sites: list[Site]) -> set[str]:

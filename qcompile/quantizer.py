@@ -159,6 +159,18 @@ class Quantizer(nn.Module):
             x, self.spec.format, amax=amax, axis=self.spec.axis, block_size=self.spec.block_size
         )
 
+    def _apply(self, fn, recurse=True):
+        # `.half()` / `.to(torch.bfloat16)` on the model must not round the range: amax and
+        # pre_scale (so every scale) stay float32, as the numerics contract has it; devices move.
+        before = {name: getattr(self, name) for name in ("amax", "pre_scale")}
+        before = {name: t.data for name, t in before.items() if t is not None}
+        result = super()._apply(fn, recurse)
+        for name, data in before.items():
+            now = getattr(self, name)
+            if now.dtype != data.dtype and data.dtype == torch.float32:
+                now.data = data.to(now.device)
+        return result
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         # A calibrated amax may be loaded into a fresh (uncalibrated) quantizer.
         key = prefix + "amax"

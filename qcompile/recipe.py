@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from qcompile.formats import get_format
 from qcompile.passes.sites import SiteKind
@@ -147,6 +148,14 @@ class Recipe:
         roles = self._finish(specs.roles(kind))
         return roles, "" if roles else f"recipe {self.name!r} quantizes no input of a {kind.value}"
 
+    def unmatched_patterns(self, names: list[str]) -> list[tuple[str, str]]:
+        """("exclude" or "override", pattern) for each user pattern that matches none of
+        `names` (the default output-head patterns are expected to miss on most models)."""
+        patterns = [("override", p) for p, _ in self.overrides]
+        patterns += [("exclude", p) for p in self.exclude if p not in DEFAULT_EXCLUDE]
+        return [(kind, p) for kind, p in patterns
+                if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+
     def _finish(self, roles: dict[str, QuantSpec]) -> dict[str, QuantSpec]:
         if not self.learn_scales:
             return roles
@@ -238,3 +247,45 @@ def get_recipe(recipe: str | Recipe) -> Recipe:
             f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPES)}, "
             "or build one with qcompile.Recipe(...)"
         ) from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """`recipe` as JSON-ready data; `recipe_from_dict` rebuilds an equal `Recipe`."""
+
+    def specs(site_specs: SiteSpecs | None) -> dict[str, Any] | None:
+        if site_specs is None:
+            return None
+        return {role: None if spec is None else asdict(spec)
+                for role, spec in (("weight", site_specs.weight), ("input", site_specs.input))}
+
+    return {
+        "name": recipe.name,
+        "linear": specs(recipe.linear),
+        "matmul": specs(recipe.matmul),
+        "conv": specs(recipe.conv),
+        "quantize_matmul": recipe.quantize_matmul,
+        "exclude": list(recipe.exclude),
+        "overrides": [[pattern, specs(s)] for pattern, s in recipe.overrides],
+        "learn_scales": recipe.learn_scales,
+    }
+
+
+def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
+    """The `Recipe` that `recipe_to_dict` described (validated as any Recipe is)."""
+
+    def specs(value: Mapping[str, Any] | None) -> SiteSpecs | None:
+        if value is None:
+            return None
+        return SiteSpecs(**{role: None if spec is None else QuantSpec(**spec)
+                            for role, spec in value.items()})
+
+    return Recipe(
+        name=data["name"],
+        linear=specs(data["linear"]),
+        matmul=specs(data.get("matmul")),
+        conv=specs(data.get("conv")),
+        quantize_matmul=data.get("quantize_matmul", False),
+        exclude=tuple(data.get("exclude", DEFAULT_EXCLUDE)),
+        overrides=tuple((pattern, specs(s)) for pattern, s in data.get("overrides", ())),
+        learn_scales=data.get("learn_scales", False),
+    )

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qcompile.batches import call_with_batch, split_batch
+from torch.utils import _pytree as pytree
+
+from qcompile.batches import call_with_batch, input_name, split_batch
 from qcompile.distill import Distiller
 from qcompile.quantizer import Quantizer
 
@@ -41,6 +43,34 @@ def _loss_of(output: Any, batch: Any, loss_fn: Callable | None) -> torch.Tensor:
             "QAD, or loss_fn=lambda output, batch: ... for QAT"
         )
     return loss
+
+
+def check_finite_batch(batch: Any, step: int) -> None:
+    """Raise a FloatingPointError naming the input of `batch` that holds NaN or inf."""
+    for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            if not bool(torch.isfinite(leaf).all()):
+                bad = "NaN" if bool(torch.isnan(leaf).any()) else "inf"
+                raise FloatingPointError(
+                    f"training batch at step {step}: {input_name(path)} contains {bad}; clean the "
+                    "data (or skip such batches) before training. No weight was changed by "
+                    "this step."
+                )
+
+
+def check_finite_gradients(model: nn.Module, step: int) -> None:
+    """Raise a FloatingPointError naming the parameters whose gradient is NaN or inf."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        return
+    names = [n for n, p in model.named_parameters()
+             if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise FloatingPointError(
+        f"gradients of {len(names)} parameters are NaN or inf at step {step} ({shown}); the "
+        "optimizer step was skipped, so the weights are still finite. Lower the learning rate, "
+        "use gradient clipping, or check the loss for overflow (fp16: use bf16 autocast)."
+    )
 
 
 def cosine_lr(step: int, steps: int, warmup: int) -> float:
@@ -69,6 +99,10 @@ def train(
 
     The data is cycled as often as needed. With `distiller`, the loss is the distillation loss
     (its student must be `model`); otherwise the model's own `.loss` or `loss_fn(output, batch)`.
+
+    A batch with NaN or inf in a floating-point input, a non-finite loss or non-finite
+    gradients raise a `FloatingPointError` naming the step (and the input or parameters)
+    before the optimizer steps, so the weights never turn NaN silently.
     """
     if steps <= 0 or accumulate <= 0:
         raise ValueError(f"steps and accumulate must be positive, got {steps}, {accumulate}")
@@ -90,6 +124,7 @@ def train(
         total = 0.0
         for _ in range(accumulate):
             batch = next(batches)
+            check_finite_batch(batch, len(losses))
             with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
                 if distiller is not None:
@@ -100,10 +135,11 @@ def train(
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss is {loss.item()} at step {len(losses)}: check the data for NaN/inf "
-                    "and lower the learning rate"
+                    "and lower the learning rate; the optimizer step was skipped"
                 )
             (loss / accumulate).backward()
             total += loss.item() / accumulate
+        check_finite_gradients(model, len(losses))
         optimizer.step()
         schedule.step()
         losses.append(total)

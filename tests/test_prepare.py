@@ -128,6 +128,8 @@ def test_deepcopy_keeps_sites_and_class():
     _, prepared = _prepare("mxfp4")
     clone = copy.deepcopy(prepared)
     assert isinstance(clone, PreparedModel)
+    with pytest.raises(ValueError, match="input 'x' is float16"):  # calls are still checked
+        clone(torch.randn(2, 5, 32).half(), bias=torch.randn(32).half())
     assert [s.name for s in clone.qcompile_sites] == [s.name for s in prepared.qcompile_sites]
     assert clone.qcompile_recipe == prepared.qcompile_recipe
 

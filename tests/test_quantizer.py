@@ -53,3 +53,17 @@ def test_calibrated_amax_loads_into_a_fresh_quantizer():
     fresh = Quantizer(QuantSpec("int8", axis=0))
     fresh.load_state_dict(calibrated.state_dict())
     assert torch.equal(fresh.amax, calibrated.amax) and torch.equal(fresh(X), calibrated(X))
+
+
+def test_dtype_conversion_keeps_amax_float32_and_devices_move():
+    static, learned = Quantizer(QuantSpec("int8")), Quantizer(QuantSpec("int8", learn_amax=True))
+    for quantizer in (static, learned):
+        quantizer.set_amax(torch.tensor(3.14159))
+        parameter = quantizer.amax
+        quantizer.to(torch.bfloat16)
+        assert quantizer.amax.dtype == torch.float32
+        assert quantizer.amax.item() == pytest.approx(3.14159)
+        if quantizer.spec.learn_amax:
+            assert quantizer.amax is parameter  # still the Parameter the optimizer holds
+        quantizer.half().to("meta")
+        assert quantizer.amax.device.type == "meta" and quantizer.amax.dtype == torch.float32
