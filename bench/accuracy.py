@@ -21,7 +21,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -256,6 +256,10 @@ def main() -> None:
     parser.add_argument("--minilm-train-texts", type=int, default=2048)
     parser.add_argument("--minilm-eval-texts", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
+    parser.add_argument("--save-rows", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--from-rows", type=Path, nargs="+",
+                        help="run nothing: table and plot from rows saved by --save-rows "
+                             "(e.g. the GPT and MiniLM halves run as two processes)")
     parser.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     args = parser.parse_args()
     if args.quick:
@@ -264,11 +268,22 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     rows: list[Row] = []
-    if "gpt" in args.models:
-        rows += bench_gpt(args)
-    if "minilm" in args.models:
-        rows += bench_minilm(args)
-    text = markdown(rows, args, time.perf_counter() - started)
+    if args.from_rows:
+        saved = [json.loads(path.read_text()) for path in args.from_rows]
+        rows = [Row(**row) for part in saved for row in part["rows"]]
+        args.steps = ", ".join(f"{part['steps']} ({'/'.join(part['models'])})" for part in saved)
+        seconds = sum(part["seconds"] for part in saved)
+    else:
+        if "gpt" in args.models:
+            rows += bench_gpt(args)
+        if "minilm" in args.models:
+            rows += bench_minilm(args)
+        seconds = time.perf_counter() - started
+    if args.save_rows:
+        args.save_rows.write_text(json.dumps(
+            {"steps": args.steps, "models": args.models, "seconds": seconds,
+             "rows": [asdict(r) for r in rows]}))
+    text = markdown(rows, args, seconds)
     print(text)
     if not args.no_write:
         plot(rows, HERE / "accuracy.png")
