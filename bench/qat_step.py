@@ -225,8 +225,7 @@ def modelopt_variants(workload: Workload) -> list[Variant]:
     for name, label in zip(configs, labels):
         try:
             model = workload.build()
-            config = copy.deepcopy(getattr(mtq, name))
-            config["quant_cfg"]["*lm_head*"] = {"enable": False}
+            config = copy.deepcopy(getattr(mtq, name))  # it keeps lm_head in float itself
 
             def forward_loop(m):
                 m(*workload.args, **workload.kwargs)
