@@ -430,6 +430,8 @@ def main() -> None:
         WORKLOAD_DESCRIPTIONS[workload.name] = workload.description
         results[workload.name] = run_workload(workload, args)
         torch._dynamo.reset()
+        print(markdown({workload.name: results[workload.name]}, args, time.perf_counter() - started),
+              flush=True)
     text = markdown(results, args, time.perf_counter() - started)
     print(text)
     if not args.no_write:
