@@ -436,8 +436,7 @@ def main() -> None:
     print(text)
     if not args.no_write:
         plot(results, HERE / "qat_step.png")
-        write_results(text, f"{Path(sys.executable).parent.parent.name}/bin/python bench/qat_step.py "
-                      + " ".join(sys.argv[1:]))
+        write_results(text, f"{sys.executable} bench/qat_step.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
