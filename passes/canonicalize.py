@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qcompile.passes.match import is_parameter_input, recorded_value
+
 aten = torch.ops.aten
 
 _WEIGHT_PRODUCTS = frozenset({
@@ -70,6 +72,10 @@ def _functional_module(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def _parameter(gm: fx.GraphModule, node) -> bool:
+    """A 2-D parameter: read with get_attr (torch.export, symbolic_trace) or a graph input
+    that holds one (dynamo)."""
+    if is_parameter_input(node):
+        return recorded_value(node).ndim == 2
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return False
     try:

@@ -73,15 +73,31 @@ def set_operand(args: tuple, position: Position, value: Any) -> tuple:
     return type(args)(items) if isinstance(args, list) else tuple(items)
 
 
+def recorded_value(node: fx.Node) -> Any:
+    """The example value recorded on a node by torch.export (`val`) or dynamo
+    (`example_value`), or None."""
+    val = node.meta.get("val")
+    return node.meta.get("example_value") if val is None else val
+
+
 def shape(node: Any) -> tuple | None:
-    """The shape recorded on a node by torch.export (`val`) or ShapeProp (`tensor_meta`)."""
+    """The shape recorded on a node by torch.export (`val`), dynamo (`example_value`) or
+    ShapeProp (`tensor_meta`)."""
     if not isinstance(node, fx.Node):
         return None
-    val = node.meta.get("val")
+    val = recorded_value(node)
     if isinstance(val, torch.Tensor):
         return tuple(val.shape)
     tensor_meta = node.meta.get("tensor_meta")
     return tuple(tensor_meta.shape) if hasattr(tensor_meta, "shape") else None
+
+
+def is_parameter_input(node: Any) -> bool:
+    """A graph input that holds a parameter (dynamo passes a module's parameters as inputs)."""
+    return (
+        isinstance(node, fx.Node) and node.op == "placeholder"
+        and isinstance(recorded_value(node), torch.nn.Parameter)
+    )
 
 
 def _dim(node: Any, axis: int) -> int | None:
@@ -94,13 +110,12 @@ def _dim(node: Any, axis: int) -> int | None:
 
 def _carries_data(node: fx.Node) -> bool:
     """False for nodes that compute a size or a number (`sym_size`), not tensors."""
-    val = node.meta.get("val")
-    return not isinstance(val, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+    return not isinstance(recorded_value(node), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def _is_float(node: Any) -> bool:
-    val = node.meta.get("val", node.meta.get("tensor_meta"))
-    dtype = getattr(val, "dtype", None)
+    val = recorded_value(node)
+    dtype = getattr(node.meta.get("tensor_meta") if val is None else val, "dtype", None)
     return dtype is None or dtype.is_floating_point
 
 
@@ -109,7 +124,7 @@ def activations(graph: fx.Graph) -> set[fx.Node]:
     constants or shapes alone): RoPE's `inv_freq @ positions` is no activation matmul."""
     found: set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op == "placeholder" or any(
+        if (node.op == "placeholder" and not is_parameter_input(node)) or any(
             arg in found and _carries_data(arg) for arg in node.all_input_nodes
         ):
             found.add(node)
@@ -121,7 +136,8 @@ def _module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path, _ = list(stack.values())[-1]
-    return re.sub(r"\[(\w+)\]", r".\1", path).removeprefix("L['self'].").strip(".")
+    path = re.sub(r"^L\['\w+'\]", "", path)  # the root module: torch.export's and dynamo's
+    return re.sub(r"\[(\w+)\]", r".\1", path).strip(".")
 
 
 def _einsum_axes(equation: str) -> tuple[int, int] | None:

@@ -33,36 +33,42 @@ def block_or_none(block_size: int) -> int | None:
 def fake_quantize(
     x: torch.Tensor, amax: torch.Tensor | None, format: str, block_size: int
 ) -> torch.Tensor:
-    return cpu.run("forward", format, block_or_none(block_size), x, amax)
+    return cpu.run("forward", format, block_or_none(block_size), x, amax).contiguous()
+
+
+def _contiguous_like(x: torch.Tensor) -> torch.Tensor:
+    """The output of every kernel: x's shape and dtype, contiguous whatever x's strides (the
+    compiled callers check the strides that the fake kernel promised)."""
+    return x.new_empty(x.shape)
 
 
 @fake_quantize.register_fake
 def _(x, amax, format, block_size):
-    return torch.empty_like(x)
+    return _contiguous_like(x)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::fake_quantize_backward", mutates_args=())
 def fake_quantize_backward(
     grad: torch.Tensor, x: torch.Tensor, amax: torch.Tensor | None, format: str, block_size: int
 ) -> torch.Tensor:
-    return cpu.run("backward", format, block_or_none(block_size), grad, x, amax)
+    return cpu.run("backward", format, block_or_none(block_size), grad, x, amax).contiguous()
 
 
 @fake_quantize_backward.register_fake
 def _(grad, x, amax, format, block_size):
-    return torch.empty_like(grad)
+    return _contiguous_like(grad)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::fake_quantize_amax_backward", mutates_args=())
 def fake_quantize_amax_backward(
     grad: torch.Tensor, x: torch.Tensor, amax: torch.Tensor, format: str, block_size: int
 ) -> torch.Tensor:
-    return cpu.run("amax_backward", format, block_or_none(block_size), grad, x, amax)
+    return cpu.run("amax_backward", format, block_or_none(block_size), grad, x, amax).contiguous()
 
 
 @fake_quantize_amax_backward.register_fake
 def _(grad, x, amax, format, block_size):
-    return torch.empty_like(amax)
+    return _contiguous_like(amax)
 
 
 def _setup_context(ctx, inputs, output) -> None:

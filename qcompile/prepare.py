@@ -1,7 +1,8 @@
 """`qcompile.prepare`: capture a model, find its sites, and put quantizers in front of them.
 
 This module composes the passes (capture -> canonicalize -> match -> decompose attention where
-quantized -> insert -> training mode) and owns the prepared model: a `torch.fx.GraphModule`
+quantized -> insert -> training mode; the middle four are `quantize_graph`, which the
+torch.compile backend also runs) and owns the prepared model: a `torch.fx.GraphModule`
 that keeps the captured call signature and output structure (tuples, dicts, HF
 `ModelOutput`), follows `.train()` / `.eval()`, moves with `.to()` (device constants in the
 graph included), and saves and loads every quantizer in `state_dict()`. It knows nothing of
@@ -153,26 +154,37 @@ def prepare(
             "prepare needs an example call to capture the model: write "
             "prepare(model, recipe, example_inputs=(x,)) or example_kwargs={...}"
         )
-    gm = canonicalize(capture(model, example_inputs, example_kwargs, dynamic=dynamic))
+    gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
     inputs = InputSignature.record(
         model, tuple(example_inputs), dict(example_kwargs or {}), dynamic
     )
-    sites = assign_specs(find_sites(gm), recipe)
-    problem = site_operand_problem(gm, sites)
-    if problem is not None:
-        raise CaptureError(f"cannot capture {type(model).__name__}: {problem}")
+    sites = quantize_graph(gm, recipe, type(model).__name__)
     _warn_unmatched(recipe, sites)
-    attention = _quantized_attention(gm, sites)
-    if attention:
-        decompose_sdpa(gm, attention)
-        sites = assign_specs(find_sites(gm), recipe)
-    sites = insert_quantizers(gm, sites)
     bind_training_mode(gm)
     prepared = _as_prepared(gm, sites, recipe, inputs, type(model).__name__)
     prepared.train(model.training)
     _warn_nothing_quantized(model, sites)
     _warn_fixed_small_dims(inputs)
     return prepared
+
+
+def quantize_graph(gm: fx.GraphModule, recipe: Recipe, model_name: str = "the model") -> list[Site]:
+    """Put the recipe's quantizers into a captured graph (in place): canonicalize, match,
+    decompose the attention whose products are quantized, insert. Returns every site.
+
+    `prepare` runs it on torch.export's graph; the `qcompile` torch.compile backend on the
+    graph dynamo captured. A site whose operands cannot be quantized raises a `CaptureError`.
+    """
+    canonicalize(gm)
+    sites = assign_specs(find_sites(gm), recipe)
+    problem = site_operand_problem(gm, sites)
+    if problem is not None:
+        raise CaptureError(f"cannot capture {model_name}: {problem}")
+    attention = _quantized_attention(gm, sites)
+    if attention:
+        decompose_sdpa(gm, attention)
+        sites = assign_specs(find_sites(gm), recipe)
+    return insert_quantizers(gm, sites)
 
 
 def _check_not_prepared(model: nn.Module) -> None:

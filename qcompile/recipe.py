@@ -166,6 +166,45 @@ class Recipe:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any spec of this recipe has a static (calibrated) range."""
+        return any(
+            spec.needs_calibration
+            for specs in self._all_specs()
+            for spec in (specs.weight, specs.input)
+            if spec is not None
+        )
+
+    def with_dynamic_ranges(self) -> Recipe:
+        """A copy in which every static (calibrated) range is taken from each tensor as it
+        arrives: the same formats, axes and blocks, no calibration needed. This is the scale
+        policy of `torch.compile(model, backend="qcompile", options={"recipe": ...})`.
+
+        A recipe with `learn_scales=True` has no such copy: its ranges are trained parameters.
+        """
+        if self.learn_scales:
+            raise ValueError(
+                f"recipe {self.name!r} learns its ranges (learn_scales=True), which needs "
+                "calibrated starting values; prepare and calibrate the model instead"
+            )
+
+        def dynamic(specs: SiteSpecs | None) -> SiteSpecs | None:
+            if specs is None:
+                return None
+            return SiteSpecs(**{
+                role: None if spec is None else spec.with_(dynamic=True)
+                for role, spec in (("weight", specs.weight), ("input", specs.input))
+            })
+
+        return replace(
+            self,
+            linear=dynamic(self.linear),
+            matmul=dynamic(self.matmul),
+            conv=dynamic(self.conv),
+            overrides=tuple((pattern, dynamic(specs)) for pattern, specs in self.overrides),
+        )
+
 
 def _learnable(spec: QuantSpec) -> bool:
     return not spec.dynamic and get_format(spec.format).learnable_amax

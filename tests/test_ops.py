@@ -190,3 +190,34 @@ def test_compiled_kernel_after_shape_changes_equals_eager(fmt, monkeypatch):
     assert not cpu._compile_failed
     for x, compiled in outputs:
         assert_bitwise_equal(compiled.numpy(), qcompile.fake_quantize(x, fmt).numpy())
+
+
+@pytest.mark.slow
+def test_compiled_kernel_serves_weights_and_activations_of_every_rank_compiled(monkeypatch):
+    """One entry per argument rank, fed plain tensors: a weight Parameter beside activations of
+    other ranks and sizes (as in a prepared model) never exhausts dynamo's recompile limit,
+    which would leave the kernel running uncompiled."""
+    calls = []
+    compiled_kernel = cpu._compiled
+
+    def recording(*key):
+        calls.append(key)
+        return compiled_kernel(*key)
+
+    monkeypatch.setattr(cpu, "_compiled", recording)
+    weight = nn.Parameter(torch.from_numpy(make_data((256, 512), seed=1, zero_block=128)))
+    tensors = [weight] + [
+        torch.from_numpy(make_data(shape, seed=seed, zero_block=128))
+        for seed, shape in enumerate([(2, 128, 512), (4, 64, 512), (8, 2, 64, 512), (1024, 128)])
+    ]
+    amax = torch.tensor(3.0)
+    # one shape change per entry at most, and hitting the limit is an error, not a silent
+    # fall back to running the kernel uncompiled
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        outputs = [qcompile.fake_quantize(t, "int8", amax=amax) for t in tensors * 2]
+    assert {key[-1] for key in calls} == {(2, 0), (3, 0), (4, 0)}
+    monkeypatch.setenv("QCOMPILE_CPU_KERNELS", "eager")
+    assert not cpu._compile_failed
+    for t, got in zip(tensors * 2, outputs):
+        want = qcompile.fake_quantize(t.detach(), "int8", amax=amax)
+        assert_bitwise_equal(got.detach().numpy(), want.numpy())

@@ -48,3 +48,21 @@ def test_resolve_order_and_learn_scales():
     assert recipe.resolve("head", SiteKind.LINEAR) == ({}, "override 'head' keeps it in float")
     assert "output head" in recipe.resolve("model.lm_head", SiteKind.LINEAR)[1]
     assert hash(recipe)  # frozen and hashable: overrides are stored as a tuple
+
+
+def test_with_dynamic_ranges_keeps_formats_and_drops_calibration():
+    int8 = get_recipe("int8")
+    assert int8.needs_calibration and not get_recipe("mxfp4").needs_calibration
+    dynamic = int8.with_dynamic_ranges()
+    assert not dynamic.needs_calibration
+    assert dynamic.linear.input == QuantSpec("int8", dynamic=True)
+    assert dynamic.linear.weight == int8.linear.weight  # axis 0, dynamic already
+    assert dynamic.quantize_matmul and dynamic.exclude == int8.exclude
+    with_override = Recipe(
+        "custom", SiteSpecs(input=QuantSpec("fp8")),
+        overrides={"*.fc2": SiteSpecs(weight=QuantSpec("int4"), input=QuantSpec("nvfp4"))},
+    ).with_dynamic_ranges()
+    (_, specs), = with_override.overrides
+    assert specs.input.dynamic and specs.weight.dynamic and specs.weight.block_size is None
+    with pytest.raises(ValueError, match="learn_scales.*calibrate"):
+        int8.with_(learn_scales=True).with_dynamic_ranges()

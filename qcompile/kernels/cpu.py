@@ -4,7 +4,8 @@ Eager aten runs each step of a quantization as its own pass over memory; inducto
 whole function into one vectorised C++ loop (its compiler flags keep IEEE semantics: no
 fast-math), which computes bit-identical numbers. Small tensors stay eager, where compiling
 would cost more than it saves. Each (function, format, block size, static/dynamic) gets its
-own compiled entry point so that dynamo's per-function recompile limit is never reached.
+own compiled entry point (per rank of its arguments too) so that dynamo's per-function
+recompile limit is never reached.
 Set `QCOMPILE_CPU_KERNELS=eager` to skip compilation (debugging, or no C++ compiler).
 """
 
@@ -41,7 +42,12 @@ def _fresh_code(fn: Callable) -> Callable:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(kind: str, format_name: str, block_size: int | None, static: bool) -> Callable:
+def _compiled(
+    kind: str, format_name: str, block_size: int | None, ranks: tuple[int | None, ...]
+) -> Callable:
+    """The compiled kernel for one (function, format, block size) and one rank of each tensor
+    argument (None: no amax): within an entry only sizes vary, which dynamo generalises after
+    one recompile, so no entry nears the recompile limit however many sites call it."""
     fmt = get_format(format_name)
     reference = REFERENCES[kind]
 
@@ -68,12 +74,13 @@ def run(kind: str, format_name: str, block_size: int | None, *tensors: torch.Ten
     global _compile_failed
     *data, amax = tensors
     if _use_compiled(data[0]):
-        # Plain tensors only: a Parameter would guard the compiled kernel on its type, and a
-        # weight arriving once as a Parameter and once as a product would recompile it.
-        plain = [t if t is None else t.detach() for t in (*data, amax)]
         try:
+            # Plain tensors: a Parameter (a weight) would fail the type guard of an entry
+            # compiled for activations, and recompile.
+            tensors = [None if t is None else t.detach() for t in (*data, amax)]
+            ranks = tuple(None if t is None else t.ndim for t in tensors)
             with torch.no_grad():
-                return _compiled(kind, format_name, block_size, amax is not None)(*plain)
+                return _compiled(kind, format_name, block_size, ranks)(*tensors)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
             _compile_failed = True
             warnings.warn(

@@ -78,3 +78,20 @@ def test_unknown_option_is_refused():
     compiled = torch.compile(model, backend="qcompile", options={"bogus": 1})
     with pytest.raises(Exception, match="unknown qcompile backend options"):
         compiled(torch.randn(2, 128))
+
+
+def test_kernel_lowering_keeps_the_op_opaque_and_exact_on_strided_inputs():
+    """lowering="kernel": the op is an extern call; its output strides are what the fake
+    kernel promised, also for a transposed (non-contiguous) input."""
+
+    def attention_scores(q, k):
+        q = qc.fake_quantize(q.transpose(1, 2), "int8", amax=torch.tensor(3.0))
+        k = qc.fake_quantize(k.transpose(1, 2), "int8", amax=torch.tensor(3.0))
+        return q @ k.transpose(-2, -1)
+
+    q, k = torch.randn(2, 16, 4, 32), torch.randn(2, 16, 4, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(attention_scores, backend="qcompile", options={"lowering": "kernel"})
+    out, codes = run_and_get_code(compiled, q, k)
+    torch.testing.assert_close(out, attention_scores(q, k), rtol=1e-5, atol=1e-5)
+    assert any("torch.ops.qcompile.fake_quantize" in code for code in codes)
