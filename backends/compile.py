@@ -96,7 +96,7 @@ def quantize_captured(gm: torch.fx.GraphModule, recipe) -> torch.fx.GraphModule:
     from qcompile.prepare import quantize_graph
     from qcompile.recipe import get_recipe
 
-    quantized = {op for op in _qcompile_ops()} | {op.overloadpacket for op in _qcompile_ops()}
+    quantized = set(_qcompile_ops()) | {op.overloadpacket for op in _qcompile_ops()}
     if any(node.op == "call_function" and node.target in quantized for node in gm.graph.nodes):
         raise ValueError(
             "the qcompile backend was given a recipe, but this model quantizes already (it "

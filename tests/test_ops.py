@@ -194,9 +194,10 @@ def test_compiled_kernel_after_shape_changes_equals_eager(fmt, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_kernel_serves_weights_and_activations_of_every_rank_compiled(monkeypatch):
-    """One entry per argument rank, fed plain tensors: a weight Parameter beside activations of
+    """One entry per argument rank and dtype, fed plain tensors: a weight Parameter beside activations of
     other ranks and sizes (as in a prepared model) never exhausts dynamo's recompile limit,
     which would leave the kernel running uncompiled."""
+    cpu._compiled.cache_clear()  # fresh entries: other tests fed them other shapes already
     calls = []
     compiled_kernel = cpu._compiled
 
@@ -215,7 +216,9 @@ def test_compiled_kernel_serves_weights_and_activations_of_every_rank_compiled(m
     # fall back to running the kernel uncompiled
     with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
         outputs = [qcompile.fake_quantize(t, "int8", amax=amax) for t in tensors * 2]
-    assert {key[-1] for key in calls} == {(2, 0), (3, 0), (4, 0)}
+    float32 = torch.float32
+    assert {key[-1] for key in calls} == {
+        ((rank, float32), (0, float32)) for rank in (2, 3, 4)}
     monkeypatch.setenv("QCOMPILE_CPU_KERNELS", "eager")
     assert not cpu._compile_failed
     for t, got in zip(tensors * 2, outputs):

@@ -4,7 +4,7 @@ Eager aten runs each step of a quantization as its own pass over memory; inducto
 whole function into one vectorised C++ loop (its compiler flags keep IEEE semantics: no
 fast-math), which computes bit-identical numbers. Small tensors stay eager, where compiling
 would cost more than it saves. Each (function, format, block size, static/dynamic) gets its
-own compiled entry point (per rank of its arguments too) so that dynamo's per-function
+own compiled entry point (per rank and dtype of its arguments too) so that dynamo's per-function
 recompile limit is never reached.
 Set `QCOMPILE_CPU_KERNELS=eager` to skip compilation (debugging, or no C++ compiler).
 """
@@ -43,11 +43,14 @@ def _fresh_code(fn: Callable) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(
-    kind: str, format_name: str, block_size: int | None, ranks: tuple[int | None, ...]
+    kind: str,
+    format_name: str,
+    block_size: int | None,
+    signature: tuple[tuple[int, torch.dtype] | None, ...],
 ) -> Callable:
-    """The compiled kernel for one (function, format, block size) and one rank of each tensor
-    argument (None: no amax): within an entry only sizes vary, which dynamo generalises after
-    one recompile, so no entry nears the recompile limit however many sites call it."""
+    """The compiled kernel for one (function, format, block size) and one (rank, dtype) of each
+    tensor argument (None: no amax): within an entry only sizes vary, which dynamo generalises
+    after one recompile, so no entry nears the recompile limit however many sites call it."""
     fmt = get_format(format_name)
     reference = REFERENCES[kind]
 
@@ -78,9 +81,9 @@ def run(kind: str, format_name: str, block_size: int | None, *tensors: torch.Ten
             # Plain tensors: a Parameter (a weight) would fail the type guard of an entry
             # compiled for activations, and recompile.
             tensors = [None if t is None else t.detach() for t in (*data, amax)]
-            ranks = tuple(None if t is None else t.ndim for t in tensors)
+            signature = tuple(None if t is None else (t.ndim, t.dtype) for t in tensors)
             with torch.no_grad():
-                return _compiled(kind, format_name, block_size, ranks)(*tensors)
+                return _compiled(kind, format_name, block_size, signature)(*tensors)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
             _compile_failed = True
             warnings.warn(
