@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch.nn import functional as F
 import qcompile as qc
 from qcompile import char_gpt, corpus, minilm
 from qcompile.demo import embed, fidelity, text_batches
+from results import write_section
 
 FORMATS = ("int8", "fp8", "nvfp4", "mxfp4", "int4")
 HERE = Path(__file__).resolve().parent
@@ -229,15 +229,8 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def write_results(text: str, command: str) -> None:
-    path = HERE / "RESULTS.md"
-    begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
-    section = f"{begin}\n## Accuracy: PTQ vs QAT vs QAD\n\n`{command}`\n\n{text}\n\n![accuracy](accuracy.png)\n{end}"
-    current = path.read_text() if path.exists() else "# Benchmark results\n"
-    if begin in current:
-        current = current[: current.index(begin)] + section + current[current.index(end) + len(end):]
-    else:
-        current = current.rstrip() + "\n\n" + section + "\n"
-    path.write_text(current)
+    write_section("accuracy", f"## Accuracy: PTQ vs QAT vs QAD\n\n`{command}`\n\n{text}\n\n"
+                              "![accuracy](accuracy.png)")
 
 
 def main() -> None:

@@ -23,15 +23,14 @@ per-tensor formats >= 80%, block formats >= 65%.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
 from typing import Callable
 
 import torch
 
 import qcompile
+from results import cpu_model
 
 
 def synchronize() -> None:
@@ -58,17 +57,6 @@ def paired_median_seconds(
         times.append(time.perf_counter() - middle)
         reference_times.append(middle - start)
     return statistics.median(times), statistics.median(reference_times)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 # (row label, format, keyword arguments)

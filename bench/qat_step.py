@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -52,6 +50,7 @@ from torch.nn import functional as F
 
 import qcompile as qc
 from qcompile import char_gpt
+from results import cpu_model, write_section
 
 HERE = Path(__file__).resolve().parent
 RECIPES = ("int8", "fp8", "nvfp4", "mxfp4", "mxfp8", "int4")
@@ -301,17 +300,6 @@ def run_workload(workload: Workload, args) -> list[Variant]:
 # ---------------------------------------------------------------- report
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
-
 def _ratio(variant: Variant) -> float:
     return statistics.median(variant.ratios) if variant.ratios else float("nan")
 
@@ -394,16 +382,8 @@ def plot(results: dict[str, list[Variant]], path: Path) -> None:
 
 
 def write_results(text: str, command: str) -> None:
-    path = HERE / "RESULTS.md"
-    begin, end = "<!-- qat_step:begin -->", "<!-- qat_step:end -->"
-    section = (f"{begin}\n## QAT train-step time over float\n\n    {command}\n\n{text}\n\n"
-               f"![qat step](qat_step.png)\n{end}")
-    current = path.read_text() if path.exists() else "# Benchmark results\n"
-    if begin in current:
-        current = current[: current.index(begin)] + section + current[current.index(end) + len(end):]
-    else:
-        current = current.rstrip() + "\n\n" + section + "\n"
-    path.write_text(current)
+    write_section("qat_step", f"## QAT train-step time over float\n\n    {command}\n\n{text}\n\n"
+                              "![qat step](qat_step.png)")
 
 
 def main() -> None:

@@ -134,16 +134,18 @@ def _quantized(quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
     return fake_quantize(x, spec.format, amax=amax, axis=spec.axis, block_size=spec.block_size)
 
 
-def product_error(pair: _Pair, scale: torch.Tensor | None) -> float:
-    """Squared error of the site's quantized product on the sampled rows, smoothed by
-    `scale` (None: unsmoothed), against the float product."""
+def product_errors(pair: _Pair, scales: list[torch.Tensor | None]) -> list[float]:
+    """Squared error of the site's quantized product on the sampled rows, smoothed by each
+    of `scales` (None: unsmoothed), against the float product (computed once)."""
     x = torch.cat(pair.input_rows)
     w = pair.weight_value.float()
     reference = x @ w.T
-    if scale is not None:
-        x, w = x / scale, w * scale
-    out = _quantized(pair.input, x) @ _quantized(pair.weight, w).T
-    return float((out - reference).square().sum())
+    errors = []
+    for scale in scales:
+        xs, ws = (x, w) if scale is None else (x / scale, w * scale)
+        out = _quantized(pair.input, xs) @ _quantized(pair.weight, ws).T
+        errors.append(float((out - reference).square().sum()))
+    return errors
 
 
 def choose_scale(pair: _Pair, alpha: float | str) -> torch.Tensor | None:
@@ -153,7 +155,7 @@ def choose_scale(pair: _Pair, alpha: float | str) -> torch.Tensor | None:
         return smoothing_scale(pair.input_amax, pair.weight_amax, alpha)
     candidates = [None] + [smoothing_scale(pair.input_amax, pair.weight_amax, a) for a in ALPHA_GRID]
     with torch.no_grad():
-        errors = torch.tensor([product_error(pair, s) for s in candidates], dtype=torch.float64)
+        errors = torch.tensor(product_errors(pair, candidates), dtype=torch.float64)
     if is_distributed():  # every rank picks the same candidate: errors over all ranks' rows
         errors = all_reduce(errors, "sum")
     return candidates[int(errors.argmin())]
