@@ -8,6 +8,9 @@
    loss (halves of one docstring are positives, other docstrings in the batch negatives), so
    QAT uses no teacher; QAD distils the float embeddings (cosine).
 
+QAT and QAD start from the calibrated PTQ model and take the same number of AdamW steps
+(`qcompile.train`: QAT in train mode, QAD with the student in eval mode, i.e. no dropout).
+
     python bench/accuracy.py                      # full run, writes bench/RESULTS.md section
     python bench/accuracy.py --quick --no-write   # smoke run
 
@@ -248,6 +251,8 @@ def main() -> None:
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--minilm-train-texts", type=int, default=2048)
     parser.add_argument("--minilm-eval-texts", type=int, default=256)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); "
+                        "1 for each of two halves run side by side on 2 cores")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
     parser.add_argument("--save-rows", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--from-rows", type=Path, nargs="+",
@@ -258,6 +263,8 @@ def main() -> None:
     if args.quick:
         args.steps, args.gpt_float_steps, args.gpt_eval_batches = 4, 20, 2
         args.calibration_batches, args.minilm_train_texts, args.minilm_eval_texts = 2, 64, 64
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.perf_counter()
     rows: list[Row] = []

@@ -10,7 +10,9 @@ One train step = forward, loss, backward, AdamW step. Two models:
 Variants of each model, all alive at once: float eager and float compiled (inductor);
 for each recipe the prepared model eager and compiled with `backend="qcompile"` (calibrated
 on one batch where the recipe has static ranges); the `lowering="kernel"` option (each op an
-opaque call into qcompile's CPU kernel) beside the default decomposition for a few recipes; and,
+opaque call into qcompile's CPU kernel) beside the default decomposition for a few recipes;
+int8 and fp8 also on Linear sites only (`quantize_matmul=False`: the attention products stay
+float, the scope of every peer config below, so that row is the like-for-like comparison); and,
 where they are installed, torchao QAT (`QATConfig` with `IntxFakeQuantizeConfig`: int8
 per-token dynamic activations with int8 per-channel or int4 group-128 weights) and ModelOpt
 (`mtq.quantize` with INT8/FP8/NVFP4/MXFP8_DEFAULT_CFG), compiled with inductor. A peer
@@ -59,6 +61,10 @@ COMPILED_TARGETS = {"int8": 1.10, "fp8": 1.10, "nvfp4": 1.20, "mxfp4": 1.20, "mx
 EAGER_TARGET = 2.0
 #: the recipes measured with both lowerings.
 KERNEL_LOWERING = ("int8", "nvfp4")
+#: recipes that also quantize the attention products (`quantize_matmul`), which no peer
+#: quantizes: also measured on Linear sites only, the scope the peers' configs cover.
+LINEAR_ONLY = ("int8", "fp8")
+LINEAR_ONLY_SUFFIX = " [Linear sites only]"
 #: which peer rows each recipe must beat (same or nearest scheme).
 PEERS_OF = {
     "int8": ("torchao int8-act int8-weight", "modelopt INT8_DEFAULT_CFG"),
@@ -132,6 +138,7 @@ class Variant:
     mode: str  # "eager" or "compiled"
     kind: str  # "float", "qcompile" or "peer"
     step: Callable[[], None] | None = None
+    recipe: str = ""  # the named recipe whose targets apply (qcompile rows)
     skipped: str = ""
     warmup_s: float = 0.0
     times: list[float] = field(default_factory=list)
@@ -164,13 +171,22 @@ def qcompile_variants(workload: Workload, recipes, kernel_lowering) -> list[Vari
         if qc.get_recipe(recipe).needs_calibration:
             qc.calibrate(model, [workload.kwargs or workload.args], progress=False)
         model.train()
-        variants.append(Variant(recipe, "eager", "qcompile", train_step(workload, model, model)))
+        variants.append(Variant(recipe, "eager", "qcompile", train_step(workload, model, model), recipe=recipe))
         compiled = torch.compile(model, backend="qcompile")
-        variants.append(Variant(recipe, "compiled", "qcompile", train_step(workload, model, compiled)))
+        variants.append(Variant(recipe, "compiled", "qcompile", train_step(workload, model, compiled),
+                                recipe=recipe))
         if recipe in kernel_lowering:
             opaque = torch.compile(model, backend="qcompile", options={"lowering": "kernel"})
             variants.append(Variant(f"{recipe} [kernel lowering]", "compiled", "qcompile",
                                     train_step(workload, model, opaque)))
+        if recipe in LINEAR_ONLY:
+            linear_only = qc.get_recipe(recipe).with_(quantize_matmul=False)
+            model = qc.prepare(workload.build(), linear_only, workload.args, workload.kwargs)
+            qc.calibrate(model, [workload.kwargs or workload.args], progress=False)
+            model.train()
+            compiled = torch.compile(model, backend="qcompile")
+            variants.append(Variant(recipe + LINEAR_ONLY_SUFFIX, "compiled", "qcompile",
+                                    train_step(workload, model, compiled), recipe=recipe))
     return variants
 
 
@@ -305,14 +321,14 @@ def _ratio(variant: Variant) -> float:
 
 
 def _verdict(variant: Variant, by_name: dict[str, Variant]) -> str:
-    if variant.kind != "qcompile" or "[kernel" in variant.label:
+    if variant.kind != "qcompile" or not variant.recipe:
         return ""
     ratio = _ratio(variant)
     if variant.mode == "eager":
         return f"<= {EAGER_TARGET:.2f}x: {'met' if ratio <= EAGER_TARGET else 'MISSED'}"
-    target = COMPILED_TARGETS[variant.label]
+    target = COMPILED_TARGETS[variant.recipe]
     parts = [f"<= {target:.2f}x: {'met' if ratio <= target else 'MISSED'}"]
-    for peer in PEERS_OF.get(variant.label, ()):
+    for peer in PEERS_OF.get(variant.recipe, ()):
         other = by_name.get(f"{peer} (compiled)")
         if other is None or other.step is None and not other.ratios:
             continue

@@ -164,3 +164,36 @@ def test_train_rejects_a_model_without_loss():
     student = QuantizedMLP(float_teacher(), "nvfp4")
     with pytest.raises(ValueError, match="returns no loss"):
         train(student, batches(1), steps=1, progress=False)
+
+
+class ModeRecorder(nn.Module):
+    """A linear model with dropout that records the mode each forward ran in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 32)
+        self.dropout = nn.Dropout(0.5)
+        self.modes: list[bool] = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.fc(self.dropout(x))
+
+
+@pytest.mark.parametrize("train_mode, expected", [(None, False), (True, True), (False, False)])
+def test_qad_runs_the_student_without_dropout_unless_asked(train_mode, expected):
+    teacher = nn.Linear(64, 32)
+    student = ModeRecorder()
+    distiller = Distiller(teacher, student)
+    before = student.fc.weight.detach().clone()
+    train(student, batches(2), steps=3, lr=1e-3, distiller=distiller, train_mode=train_mode,
+          progress=False)
+    assert student.modes == [expected] * 3
+    assert not torch.equal(student.fc.weight, before)  # gradients flow in either mode
+
+
+def test_qat_runs_in_train_mode_by_default():
+    model = ModeRecorder()
+    train(model, batches(2), steps=2, lr=1e-3, loss_fn=lambda out, x: out.square().mean(),
+          progress=False)
+    assert model.modes == [True, True]
