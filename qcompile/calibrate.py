@@ -50,6 +50,23 @@ def named_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
     return list(found.values())
 
 
+def _check_data_reached(unseen: list[str], total: int, *, empty: str, partial: str) -> None:
+    """Raise ValueError(`empty`, plus how to fix it) when none of `total` places saw data;
+    warn `partial` (its `{names}` filled in, the count put first) when only `unseen` did not.
+    The warning points at the caller of the public function that called this."""
+    if len(unseen) == total:
+        raise ValueError(
+            f"{empty}; pass a non-empty iterable of batches or a forward loop that runs the "
+            "model on data"
+        )
+    if unseen:
+        warnings.warn(
+            f"{len(unseen)} {partial.format(names=', '.join(unseen))}",
+            CalibrationWarning,
+            stacklevel=3,
+        )
+
+
 def _run_data(
     model: nn.Module, data: CalibrationData, num_batches: int | None, progress: bool
 ) -> None:
@@ -190,18 +207,12 @@ def calibrate(
         _run_data(model, data, num_batches, progress and is_main_process())
 
     unobserved = [name for name, q in targets if observers[q].num_batches == 0]
-    if len(unobserved) == len(targets):
-        raise ValueError(
-            "calibration data is empty: no batch reached the quantizers; pass a non-empty "
-            "iterable of batches or a forward loop that runs the model on data"
-        )
-    if unobserved:
-        warnings.warn(
-            f"{len(unobserved)} quantizers saw no calibration data and stay uncalibrated: "
-            f"{', '.join(unobserved)}; make sure the data exercises these sites",
-            CalibrationWarning,
-            stacklevel=2,
-        )
+    _check_data_reached(
+        unobserved, len(targets),
+        empty="calibration data is empty: no batch reached the quantizers",
+        partial="quantizers saw no calibration data and stay uncalibrated: {names}; make sure "
+                "the data exercises these sites",
+    )
     amaxes = {q: obs.compute_amax() for q, obs in observers.items() if obs.num_batches}
     for quantizer, amax in amaxes.items():
         quantizer.set_amax(amax)

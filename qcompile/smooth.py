@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qcompile.calibrate import CalibrationData, CalibrationWarning, _eval_mode, _run_data
+from qcompile.calibrate import (
+    CalibrationData,
+    CalibrationWarning,
+    _check_data_reached,
+    _eval_mode,
+    _run_data,
+)
 from qcompile.distributed import all_reduce, is_distributed
 from qcompile.fake_quant import fake_quantize
 from qcompile.observers import MaxObserver
@@ -215,17 +221,11 @@ def smooth(
     if is_distributed():
         _merge_across_ranks(pairs)
     unseen = [pair.site for pair in pairs if pair.input_amax is None or pair.weight_amax is None]
-    if len(unseen) == len(pairs):
-        raise ValueError(
-            "smoothing data is empty: no batch reached the Linear sites; pass a non-empty "
-            "iterable of batches or a forward loop that runs the model on data"
-        )
-    if unseen:
-        warnings.warn(
-            f"{len(unseen)} Linear sites saw no data and stay unsmoothed: {', '.join(unseen)}",
-            CalibrationWarning,
-            stacklevel=2,
-        )
+    _check_data_reached(
+        unseen, len(pairs),
+        empty="smoothing data is empty: no batch reached the Linear sites",
+        partial="Linear sites saw no data and stay unsmoothed: {names}",
+    )
     seen = [pair for pair in pairs if pair.site not in unseen]
     scales = [choose_scale(pair, alpha) for pair in seen]
     cleared = []

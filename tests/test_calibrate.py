@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcompile.calibrate import CalibrationWarning, calibrate, named_quantizers
+from qcompile.calibrate import CalibrationWarning, _check_data_reached, calibrate, named_quantizers
 from qcompile.passes.sites import Site, SiteKind
 from qcompile.quantizer import QuantSpec, Quantizer
 
@@ -208,3 +208,15 @@ def test_no_warning_on_a_normal_run():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         calibrate(TwoLayers(), batches(), progress=False)
+
+
+def test_sites_without_data_are_named_in_a_warning_at_the_users_call():
+    def public_entry_point():  # stands for qc.calibrate / qc.smooth
+        _check_data_reached(["fc2 (input)"], 3, empty="data is empty",
+                            partial="sites saw no data: {names}")
+
+    with pytest.warns(CalibrationWarning, match=r"^1 sites saw no data: fc2 \(input\)$") as record:
+        public_entry_point()
+    assert record[0].filename == __file__
+    with pytest.raises(ValueError, match="data is empty; pass a non-empty iterable"):
+        _check_data_reached(["a", "b"], 2, empty="data is empty", partial="{names}")
