@@ -160,22 +160,42 @@ def fake_quantize(
     return from_blocks(values * scales.scale, block_size).to(x.dtype)
 
 
-def ste_mask(
+def ste_pass(
     x: torch.Tensor, amax: torch.Tensor | None, fmt: QuantFormat, block_size: int | None
 ) -> torch.Tensor:
-    """Where the straight-through estimator passes the gradient (bool, shape of x).
+    """Where the straight-through estimator passes the gradient: 1.0 there, 0.0 elsewhere
+    (float32, shape of x).
 
     With a static amax, inputs inside the clipping range [lo, amax] pass, where lo is
     amax * (min / max) of the element for fp32-scaled formats (-128/127 for int8) and -amax
     otherwise; saturated inputs get zero. With a dynamic amax every finite input passes.
+    NaN never passes.
+
+    Written with float operations only (no comparison makes a bool), so that a compiler
+    which recomputes the mask in the backward saves a float tensor, never a bool one (see
+    `qcompile.backends.compile`). `ste_mask` is the same rule as a bool tensor.
     """
-    if amax is None:
-        return torch.isfinite(x)
     xb = to_blocks(x.float(), block_size)
-    hi = amax.float()
-    ratio = fmt.element.min_value / fmt.element.max_value if fmt.scale is ScaleKind.FP32 else -1.0
-    mask = (xb >= hi * ratio) & (xb <= hi)
-    return from_blocks(mask, block_size)
+    if amax is None:
+        lo, hi = -torch.finfo(torch.float32).max, torch.finfo(torch.float32).max
+    else:
+        hi = amax.float()
+        lo = hi * (fmt.element.min_value / fmt.element.max_value
+                   if fmt.scale is ScaleKind.FP32 else -1.0)
+    # Exactly 0 inside [lo, hi] (x - y is never 0 for floats x != y), > 0 outside, NaN for
+    # NaN; ceil(min(distance, 1)) is then 0 inside, 1 outside, and NaN stays NaN, which
+    # fmax turns into 0.
+    distance = (torch.clamp(xb, lo, hi) - xb).abs()
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    outside = torch.ceil(torch.minimum(distance, torch.ones_like(zero)))
+    return from_blocks(torch.fmax(1 - outside, zero), block_size)
+
+
+def ste_mask(
+    x: torch.Tensor, amax: torch.Tensor | None, fmt: QuantFormat, block_size: int | None
+) -> torch.Tensor:
+    """`ste_pass` as a bool tensor: True where the straight-through estimator passes."""
+    return ste_pass(x, amax, fmt, block_size) > 0
 
 
 def fake_quantize_backward(

@@ -95,3 +95,65 @@ def test_kernel_lowering_keeps_the_op_opaque_and_exact_on_strided_inputs():
     out, codes = run_and_get_code(compiled, q, k)
     torch.testing.assert_close(out, attention_scores(q, k), rtol=1e-5, atol=1e-5)
     assert any("torch.ops.qcompile.fake_quantize" in code for code in codes)
+
+
+# ------------------------------------------------------- straight-through backward on CPU
+def _edge_values(lo: float, hi: float) -> torch.Tensor:
+    """Both ends of [lo, hi] exactly and one ulp outside, zeros, NaN, +-inf, a spread."""
+    ends = torch.tensor([lo, hi, 0.0, -0.0, float("nan"), float("inf"), float("-inf")])
+    past = torch.nextafter(torch.tensor([lo, hi]), torch.tensor([-10.0, 10.0]))
+    spread = torch.linspace(3 * lo, 3 * hi, 55)
+    return torch.cat([ends, past, spread]).reshape(-1, 32)
+
+
+@pytest.mark.parametrize("fmt,static", [("int8", True), ("fp8", True), ("nvfp4", True),
+                                        ("int4", True), ("mxfp8", False), ("int8", False)])
+def test_compiled_ste_gradient_equals_the_contract_at_the_edges(fmt, static):
+    torch._dynamo.reset()
+    amax = torch.tensor(2.0) if static else None
+    fmt_info = qc.get_format(fmt)
+    ratio = fmt_info.element.min_value / fmt_info.element.max_value
+    lo = 2.0 * ratio if fmt in ("int8", "int4") else -2.0
+    x = _edge_values(lo, 2.0)
+    block = 16 if fmt == "int4" else None  # the others: their own blocks, or none
+
+    def grad_of(fn):
+        leaf = x.clone().requires_grad_(True)
+        fn(leaf).sum().backward()
+        return leaf.grad
+
+    def quantize(t):
+        return qc.fake_quantize(t, fmt, amax=amax, block_size=block)
+
+    want = ((x >= lo) & (x <= 2.0)) if static else x.isfinite()
+    assert torch.equal(grad_of(quantize), want.float())
+    assert torch.equal(grad_of(torch.compile(quantize, backend="qcompile", fullgraph=True)),
+                       want.float())
+
+
+@pytest.mark.parametrize("recipe", ["int8", "fp8"])
+def test_compiled_training_saves_no_bool_mask_for_backward_on_cpu(recipe):
+    """Inductor's C++ backend stores bool tensors ~20x slower than float ones; the STE must
+    hand the backward a float (x itself or its pass mask), never a bool mask. Attention is
+    where a mask was saved: its quantized q, k and v are kept for the backward anyway."""
+    from qcompile import char_gpt
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = char_gpt.GPTConfig(layers=1, d_model=64, heads=2, seq_len=32)
+    tokens = torch.randint(0, char_gpt.VOCAB_SIZE, (2, config.seq_len))
+    model = qc.prepare(char_gpt.CharGPT(config), recipe, (tokens,))
+    qc.calibrate(model, [(tokens,)], progress=False)
+    compiled = torch.compile(model.train(), backend="qcompile", fullgraph=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append((tensor.dtype, tuple(tensor.shape)))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = compiled(tokens)
+    out.float().sum().backward()
+    masks = [shape for dtype, shape in saved if dtype == torch.bool]
+    # The causal mask (seq x seq) is the only bool the model itself keeps.
+    assert len(saved) > 10 and masks == [(config.seq_len, config.seq_len)], masks
