@@ -71,7 +71,8 @@ def _ste_backward(grad, x, amax, format, block_size):
     ones: on a 4-layer GPT this cost int8 and fp8 QAT a quarter of the train step. On CPU the
     gradient is therefore `grad * ste_pass(x)`, float operations only, so a float is saved;
     it equals the reference wherever grad is finite (an inf or NaN gradient stays NaN where
-    the reference gives 0). Elsewhere (Triton) bool masks store fast and save memory.
+    the reference gives 0). Other devices keep the reference's bool mask, a quarter of the
+    memory of a float one.
     """
     fmt, block = get_format(format), block_or_none(block_size)
     if x.device.type != "cpu":

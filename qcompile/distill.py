@@ -66,10 +66,24 @@ def _feature_loss(kind: str, teacher: torch.Tensor, student: torch.Tensor) -> to
     return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
 
 
+#: How to name a feature of a prepared model, for the errors that say a name cannot be used.
+_NAMING_HINT = (
+    "In a prepared model the original modules are inlined into the graph and their hooks never "
+    "run; a feature must name a site whose input activation is quantized (its input quantizer "
+    "sees that activation). qc.report(student) lists the sites and their quantizers."
+)
+
+
 def _input_capture_point(model: nn.Module, name: str) -> nn.Module:
     """The module whose input is the activation entering site or module `name`."""
     for site in getattr(model, "qcompile_sites", ()):
-        if site.name == name and "input" in site.quantizers:
+        if site.name == name:
+            if "input" not in site.quantizers:
+                raise ValueError(
+                    f"feature {name!r}: this site quantizes no input activation (a weight-only "
+                    f"recipe such as int4, or an excluded input), so nothing in the prepared "
+                    f"model sees its input. {_NAMING_HINT}"
+                )
             return model.get_submodule(site.quantizers["input"])
     try:
         return model.get_submodule(name)
@@ -187,6 +201,13 @@ class Distiller(nn.Module):
         loss = self.output_loss(teacher_output, student_output)
         teacher_features = self._teacher_features.pop()
         student_features = self._student_features.pop()
+        for role, captured in (("teacher", teacher_features), ("student", student_features)):
+            missing = [name for name in self.features if name not in captured]
+            if missing:
+                raise RuntimeError(
+                    f"features {missing} were never reached in the {role}'s forward, so their "
+                    f"loss cannot be computed. {_NAMING_HINT}"
+                )
         for name in self.features:
             loss = loss + self.feature_weight * _feature_loss(
                 self.feature_loss, teacher_features[name], student_features[name]

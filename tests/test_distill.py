@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import qcompile as qc
 import qcompile.distill as distill
 from qcompile.distill import Distiller, kl_divergence, select_logits
 from qcompile.quantizer import QuantSpec, Quantizer
@@ -136,6 +137,43 @@ def test_feature_loss_hooks_the_inputs_of_named_modules():
     distiller.remove_hooks()
     with pytest.raises(ValueError, match="names no module"):
         Distiller(teacher, student, features=["missing"])
+
+
+def test_features_of_a_prepared_student_are_its_quantized_sites():
+    teacher = float_teacher()
+    x = batches(1)[0]
+    student = qc.prepare(copy.deepcopy(teacher), "nvfp4", (x,))
+    qc.calibrate(student, [(x,)], progress=False)
+    distiller = Distiller(teacher, student, loss="mse", features=["2"])
+    # The student's feature is what enters the site's input quantizer: its own hidden layer.
+    site = next(site for site in student.qcompile_sites if site.name == "2")
+    seen = []
+    student.get_submodule(site.quantizers["input"]).register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        output_loss = F.mse_loss(student(x), teacher(x))
+    feature_loss = F.mse_loss(seen[-1], F.relu(teacher[0](x)))
+    assert feature_loss > 0
+    assert distiller(x).item() == pytest.approx((output_loss + feature_loss).item(), rel=1e-5)
+    # int4 quantizes weights only: nothing in the prepared graph sees the site's input.
+    weight_only = qc.prepare(copy.deepcopy(teacher), "int4", (x,))
+    with pytest.raises(ValueError, match="quantizes no input activation.*qc.report"):
+        Distiller(teacher, weight_only, features=["2"])
+
+
+def test_a_feature_that_no_forward_reaches_is_an_error_not_a_key_error():
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.unused = float_teacher(), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.net(x)  # never calls self.unused
+
+    teacher = WithUnused()
+    distiller = Distiller(teacher, copy.deepcopy(teacher), loss="mse", features=["unused"])
+    with pytest.raises(RuntimeError, match=r"\['unused'\] were never reached in the teacher"):
+        distiller(batches(1)[0])
 
 
 def test_teacher_in_bf16_and_bad_arguments():
