@@ -133,7 +133,7 @@ def test_compiled_ste_gradient_equals_the_contract_at_the_edges(fmt, static):
 
 @pytest.mark.parametrize("recipe", ["int8", "fp8"])
 def test_compiled_training_saves_no_bool_mask_for_backward_on_cpu(recipe):
-    """Inductor's C++ backend stores bool tensors ~20x slower than float ones; the STE must
+    """Inductor's C++ backend stores bool tensors ~15x slower than float ones; the STE must
     hand the backward a float (x itself or its pass mask), never a bool mask. Attention is
     where a mask was saved: its quantized q, k and v are kept for the backward anyway."""
     from qcompile import char_gpt
