@@ -1,7 +1,7 @@
 """qcompile: make a PyTorch model deployable in low precision.
 
 `prepare` (capture and insert quantizers), functional numerics (`fake_quantize`), calibration
-(`calibrate`, `smooth`), distillation (`Distiller`, `train`), the per-site `report`, checkpoints
+(`calibrate`, `smooth`, `gptq`), distillation (`Distiller`, `train`), the per-site `report`, checkpoints
 (`save`, `load`) and FSDP2 sharding (`fully_shard`). See README.md for the tour.
 """
 
@@ -11,6 +11,7 @@ from qcompile.distill import Distiller
 from qcompile.distributed import fully_shard
 from qcompile.fake_quant import fake_quantize
 from qcompile.formats import FORMATS, QuantFormat, get_format
+from qcompile.gptq import gptq
 from qcompile.passes.capture import CaptureError
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
 from qcompile.prepare import PreparedModel, PrepareWarning, prepare
@@ -44,6 +45,7 @@ __all__ = [
     "fully_shard",
     "get_format",
     "get_recipe",
+    "gptq",
     "load",
     "prepare",
     "report",
