@@ -33,12 +33,15 @@ COLUMNS_PER_STEP = 128
 
 def gptq_round(
     weight: torch.Tensor, hessian: torch.Tensor, rounder: ColumnRounder, damp: float = 0.01
-) -> torch.Tensor:
-    """GPTQ of one [out, in] weight given H = X^T X ([in, in]); returns the rounded weight.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of one [out, in] weight given H = X^T X ([in, in]).
 
+    Returns the rounded weight and a latent weight that quantizes to it: the original value
+    wherever that rounds to the same grid point (`ColumnRounder.latent`).
     `damp` (a fraction of H's mean diagonal) is added to H's diagonal so that it inverts even
     where inputs are collinear or never nonzero.
     """
+    original = weight.detach().float()
     w = weight.detach().float().clone()
     columns = w.shape[1]
     h = hessian.detach().double().clone()
@@ -54,7 +57,7 @@ def gptq_round(
         ) from error
     step = max(COLUMNS_PER_STEP, rounder.group_size)
     step -= step % rounder.group_size
-    rounded = torch.zeros_like(w)
+    rounded, latent = torch.zeros_like(w), torch.zeros_like(w)
     for start in range(0, columns, step):
         end = min(start + step, columns)
         block = w[:, start:end].clone()
@@ -66,11 +69,12 @@ def gptq_round(
                 rounder.start_group(column, block[:, i : i + rounder.group_size])
             q = rounder.round(column, block[:, i])
             rounded[:, column] = q
+            latent[:, column] = rounder.latent(column, original[:, column], q)
             error = (block[:, i] - q) / u[i, i]
             block[:, i:] -= error[:, None] * u[i, i:][None, :]
             errors[:, i] = error
         w[:, end:] -= errors @ upper[start:end, end:]
-    return rounded
+    return rounded, latent
 
 
 @dataclass
@@ -202,8 +206,12 @@ def gptq(
         except UnsupportedWeight as error:
             skipped.append(f"{target.site} ({error})")
             continue
-        values = gptq_round(weight, 2 * target.hessian / target.rows, rounder, damp)
-        rounded.append((target, values if pre_scale is None else values / pre_scale))
+        values, latent = gptq_round(weight, 2 * target.hessian / target.rows, rounder, damp)
+        if pre_scale is not None:
+            values, latent = values / pre_scale, latent / pre_scale
+        with torch.no_grad():  # dividing by pre_scale may move a latent value across a bin edge
+            moved = quantizer(latent) != quantizer(values)
+        rounded.append((target, torch.where(moved, values, latent)))
     if skipped:
         warnings.warn(f"GPTQ left {len(skipped)} sites rounded to nearest: {'; '.join(skipped)}",
                       CalibrationWarning, stacklevel=2)

@@ -59,7 +59,9 @@ class ColumnRounder:
         self._pin: tuple[int, int] | None = None  # (row, column) of the NVFP4 global amax
         self.force_column = torch.full((rows,), -1, dtype=torch.long)
         self.force_value = torch.zeros(rows)
+        #: |rounded values| and |latent values| may not exceed these (per row, this group).
         self.bound = torch.full((rows,), float("inf"))
+        self.latent_bound = self.bound
         self.scale = torch.ones(rows)
         if self.block is None:
             self._fix_whole_weight(weight, spec.axis)
@@ -87,13 +89,13 @@ class ColumnRounder:
             row, column = flat // weight.shape[1], flat % weight.shape[1]
             self.scale = torch.full((rows,), float(magnitude[row, column]) / self.element.max_value)
             self._force(torch.tensor([row]), torch.tensor([column]), weight[row, column].reshape(1))
-            self.bound = self.force_value[row].abs().expand(rows).clone()
+            self.bound = self.latent_bound = self.force_value[row].abs().expand(rows).clone()
             return
         amax, columns = magnitude.max(dim=1)
         self.scale = amax / self.element.max_value
         rows_index = torch.arange(rows)
         self._force(rows_index, columns, weight[rows_index, columns])
-        self.bound = self.force_value.abs()
+        self.bound = self.latent_bound = self.force_value.abs()
 
     def _force(self, rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor) -> None:
         """The elements at (rows, columns) keep what `values` round to with the current scale."""
@@ -128,8 +130,13 @@ class ColumnRounder:
         # The scale of a block whose only nonzero value is its amax is the format's scale.
         self.scale = numerics.compute_scales(blocks, self._global_amax, self.fmt, 1).scale.reshape(rows)
         self._force(torch.arange(rows), column + offsets, reference)
-        if self.fmt.scale is not ScaleKind.E8M0:  # E8M0 scales depend on the exponent only
-            self.bound = self.force_value.abs()
+        if self.fmt.scale is ScaleKind.E8M0:
+            # E8M0 scales depend on the amax's exponent only: any value keeps it below the
+            # next power of two (the forced element keeps it from falling).
+            limit = self.scale * 2.0 ** (self.element.max_exponent + 1)
+            self.latent_bound = torch.nextafter(limit, torch.zeros_like(limit))
+        else:
+            self.bound = self.latent_bound = self.force_value.abs()
 
     def round(self, column: int, w: torch.Tensor) -> torch.Tensor:
         """The quantized values of column `column` (current values `w`, one per row)."""
@@ -137,3 +144,15 @@ class ColumnRounder:
         q = torch.maximum(torch.minimum(q, self.bound), -self.bound)
         forced = self.force_column == column
         return torch.where(forced, self.force_value, q)
+
+    def latent(self, column: int, original: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """A latent value per row that quantizes to `q` with this column's scales: the
+        original weight where it already does (within the scale's span), else `q` itself.
+
+        Keeping the original values keeps where each weight sits inside its rounding bin,
+        which later training (QAT/QAD) moves weights across; a weight on its grid point is
+        half a step from either neighbour.
+        """
+        kept = torch.maximum(torch.minimum(original.float(), self.latent_bound), -self.latent_bound)
+        same = (self._round_values(kept, self.scale) == q) & (self.force_column != column)
+        return torch.where(same, kept, q)

@@ -59,8 +59,11 @@ def test_identity_hessian_is_rounding_to_nearest(name):
     # nearest, exactly as the format's own quantization (ml_dtypes reference) does.
     spec, kwargs = WEIGHT_SPECS[name]
     w = _weight()
-    rounded = gptq_round(w, torch.eye(w.shape[1]), ColumnRounder(spec, w, None))
+    rounded, latent = gptq_round(w, torch.eye(w.shape[1]), ColumnRounder(spec, w, None))
     torch.testing.assert_close(rounded, _reference(w, spec, kwargs), rtol=0, atol=0)
+    # The latent weight is the original but for the elements that set (or pass) a scale's amax.
+    assert float((latent != w).float().mean()) < 0.1
+    torch.testing.assert_close(_reference(latent, spec, kwargs), rounded, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("name", list(WEIGHT_SPECS))
@@ -69,8 +72,10 @@ def test_rounded_weight_quantizes_to_itself(name):
     # forward: the GPTQ result must be a fixed point of the format, outliers and all.
     spec, kwargs = WEIGHT_SPECS[name]
     w, x = _weight(), _correlated_inputs()
-    rounded = gptq_round(w, x.T @ x, ColumnRounder(spec, w, None))
+    rounded, latent = gptq_round(w, x.T @ x, ColumnRounder(spec, w, None))
     torch.testing.assert_close(_reference(rounded, spec, kwargs), rounded, rtol=1e-6, atol=0)
+    torch.testing.assert_close(_reference(latent, spec, kwargs), rounded, rtol=1e-6, atol=0)
+    assert float((latent == w).float().mean()) > 0.25  # many weights keep their place in the bin
     if spec.format == "nvfp4":  # the tensor's amax, hence the global scale, is pinned
         assert float(rounded.abs().max()) == float(w.abs().max())
 
@@ -79,7 +84,7 @@ def test_rounded_weight_quantizes_to_itself(name):
 def test_output_error_is_below_rounding_to_nearest(name):
     spec, kwargs = WEIGHT_SPECS[name]
     w, x = _weight(), _correlated_inputs()
-    rounded = gptq_round(w, x.T @ x, ColumnRounder(spec, w, None))
+    rounded, _ = gptq_round(w, x.T @ x, ColumnRounder(spec, w, None))
     nearest = _reference(w, spec, kwargs)
     held_out = _correlated_inputs(seed=2)  # the same distribution, other samples
     error = (held_out @ (rounded - w).T).square().sum()
@@ -92,7 +97,7 @@ def test_static_amax_keeps_its_scales():
     w, x = _weight(), _correlated_inputs()
     amax = torch.full((48, 2), 0.1)
     rounder = ColumnRounder(QuantSpec("int4", learn_amax=True), w, amax)
-    rounded = gptq_round(w, x.T @ x, rounder)
+    rounded, _ = gptq_round(w, x.T @ x, rounder)
     expected = qc.fake_quantize(rounded, "int4", amax=amax)
     torch.testing.assert_close(rounded, expected, rtol=0, atol=0)
     assert float(rounded.max()) == pytest.approx(0.1) and float(rounded.min()) == pytest.approx(-0.1 * 8 / 7)
@@ -158,21 +163,27 @@ def test_gptq_brings_the_prepared_model_closer_to_float(mlp, recipe):
     for name in ("up", "down"):  # each stored weight is what its quantizer computes
         weight = qmodel.get_parameter(f"{name}.weight")
         quantizer = qmodel.get_submodule(f"{name}.weight_quantizer")
-        torch.testing.assert_close(quantizer(weight), weight, rtol=1e-6, atol=0)
+        torch.testing.assert_close(quantizer(quantizer(weight)), quantizer(weight), rtol=1e-6, atol=0)
 
 
 def test_smoothed_sites_round_the_scaled_weight(mlp):
-    qmodel = qc.prepare(copy.deepcopy(mlp), "int8", example_inputs=(_batches(1, 0)[0],))
+    # SmoothQuant scales the weight's input channels (pre_scale): GPTQ must round W * s.
+    qmodel = qc.prepare(copy.deepcopy(mlp), "nvfp4", example_inputs=(_batches(1, 0)[0],))
     qc.smooth(qmodel, _batches(2, 1), alpha=0.5, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qc.calibrate(qmodel, _batches(4, 1), progress=False)
+    nearest = copy.deepcopy(qmodel)
     gptq(qmodel, _batches(4, 1), progress=False)
-    quantizer = qmodel.get_submodule("up.weight_quantizer")
-    weight = qmodel.get_parameter("up.weight")
-    scaled = weight * quantizer.pre_scale
-    reference = torch.from_numpy(ml_dtypes_fake_quantize(scaled.detach().numpy(), "int8", axis=0))
-    torch.testing.assert_close(reference, scaled.detach(), rtol=1e-5, atol=1e-7)
+    x = torch.cat(_batches(2, 7))
+    with torch.no_grad():
+        error = (qmodel(x) - mlp(x)).square().mean()
+        baseline = (nearest(x) - mlp(x)).square().mean()
+        assert error < 0.9 * baseline
+        quantizer = qmodel.get_submodule("up.weight_quantizer")
+        rounded = quantizer(qmodel.get_parameter("up.weight"))
+    reference = torch.from_numpy(ml_dtypes_fake_quantize(rounded.numpy(), "nvfp4"))
+    torch.testing.assert_close(reference, rounded, rtol=1e-6, atol=0)
 
 
 def test_export_after_gptq_matches_onnxruntime(mlp, tmp_path):
