@@ -8,13 +8,15 @@
    loss (halves of one docstring are positives, other docstrings in the batch negatives), so
    QAT uses no teacher; QAD distils the float embeddings (cosine).
 
-QAT and QAD start from the calibrated PTQ model and take the same number of AdamW steps
+PTQ is `max` calibration with every weight rounded to nearest. GPTQ is that model with its
+weights GPTQ-rounded (`qcompile.gptq`, on the calibration batches). QAT and QAD start from the
+GPTQ model (`--init nearest`: from PTQ) and take the same number of AdamW steps
 (`qcompile.train`: QAT in train mode, QAD with the student in eval mode, i.e. no dropout).
 
     python bench/accuracy.py                      # full run, writes bench/RESULTS.md section
     python bench/accuracy.py --quick --no-write   # smoke run
 
-Gap closed = (PTQ - QAD) / (PTQ - float) on each metric.
+Gap closed = (PTQ - method) / (PTQ - float) on each metric, always against PTQ.
 """
 
 from __future__ import annotations
@@ -46,11 +48,22 @@ class Row:
     fmt: str
     metric: str
     float_value: float
-    values: dict[str, float] = field(default_factory=dict)  # PTQ / QAT / QAD
+    values: dict[str, float] = field(default_factory=dict)  # PTQ / GPTQ / QAT / QAD
+    init: str = "nearest"  # the model QAT and QAD start from: "nearest" (PTQ) or "gptq"
 
     def gap_closed(self, method: str) -> float:
         gap = self.values["PTQ"] - self.float_value
-        return float("nan") if abs(gap) < 1e-12 else (self.values["PTQ"] - self.values[method]) / gap
+        if abs(gap) < 1e-12 or method not in self.values:
+            return float("nan")
+        return (self.values["PTQ"] - self.values[method]) / gap
+
+
+def student_init(ptq: nn.Module, calibration: list, init: str) -> nn.Module:
+    """The model QAT and QAD start from: a copy of PTQ, GPTQ-rounded for init="gptq"."""
+    student = copy.deepcopy(ptq)
+    if init == "gptq":
+        qc.gptq(student, calibration, progress=False)
+    return student
 
 
 # ---------------------------------------------------------------- character-level GPT
@@ -96,16 +109,19 @@ def bench_gpt(args) -> list[Row]:
     float_ppl = char_gpt.perplexity(model, val_windows)
     rows = []
     for fmt in args.formats:
-        row = Row("char-GPT", fmt, "val perplexity", float_ppl)
+        row = Row("char-GPT", fmt, "val perplexity", float_ppl, init=args.init)
         ptq = qc.prepare(copy.deepcopy(model), fmt, example_inputs=(inputs[0],))
         qc.calibrate(ptq, calibration, method="max")
         row.values["PTQ"] = char_gpt.perplexity(ptq, val_windows)
+        start = student_init(ptq, calibration, args.init)
+        if args.init == "gptq":
+            row.values["GPTQ"] = char_gpt.perplexity(start, val_windows)
 
-        qat = copy.deepcopy(ptq)
+        qat = copy.deepcopy(start)
         qc.train(NextByteLoss(qat), qat_data, steps=args.steps, lr=args.lr)
         row.values["QAT"] = char_gpt.perplexity(qat, val_windows)
 
-        qad = copy.deepcopy(ptq)
+        qad = copy.deepcopy(start)
         distiller = qc.Distiller(copy.deepcopy(model), qad, temperature=1.0)
         qc.train(qad, [w[:, :-1] for w in qat_data], steps=args.steps, lr=args.lr,
                  distiller=distiller)
@@ -158,17 +174,20 @@ def bench_minilm(args) -> list[Row]:
     reference = embed(model, evaluation, "float")
     rows = []
     for fmt in args.formats:
-        cosine = Row("MiniLM", fmt, "mean cosine", 1.0)
-        top1 = Row("MiniLM", fmt, "top-1 agreement", 1.0)
+        cosine = Row("MiniLM", fmt, "mean cosine", 1.0, init=args.init)
+        top1 = Row("MiniLM", fmt, "top-1 agreement", 1.0, init=args.init)
         ptq = qc.prepare(copy.deepcopy(model), fmt, example_kwargs=calibration[0])
         qc.calibrate(ptq, calibration, method="max")
         results = {"PTQ": ptq}
+        start = student_init(ptq, calibration, args.init)
+        if args.init == "gptq":
+            results["GPTQ"] = start
 
-        qat = copy.deepcopy(ptq)
+        qat = copy.deepcopy(start)
         qc.train(ContrastiveLoss(qat), pairs, steps=args.steps, lr=args.minilm_lr)
         results["QAT"] = qat
 
-        qad = copy.deepcopy(ptq)
+        qad = copy.deepcopy(start)
         distiller = qc.Distiller(copy.deepcopy(model), qad, loss="cosine")
         qc.train(qad, distill_batches, steps=args.steps, lr=args.minilm_lr, distiller=distiller)
         results["QAD"] = qad
@@ -187,19 +206,29 @@ def bench_minilm(args) -> list[Row]:
 
 def markdown(rows: list[Row], args, seconds: float) -> str:
     lines = [
-        "| model | format | metric | float | PTQ | QAT | QAD | gap closed by QAT | by QAD |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | format | metric | float | PTQ | GPTQ | QAT | QAD | gap closed by GPTQ | "
+        "by QAT | by QAD | QAT/QAD start |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def value(v: dict, method: str) -> str:
+        return f"{v[method]:.4f}" if method in v else "-"
+
+    def closed(r: Row, method: str) -> str:
+        return "-" if method not in r.values else f"{r.gap_closed(method):.0%}"
+
     for r in rows:
         v = r.values
         lines.append(
             f"| {r.model} | {r.fmt} | {r.metric} | {r.float_value:.4f} | {v['PTQ']:.4f} | "
-            f"{v['QAT']:.4f} | {v['QAD']:.4f} | {r.gap_closed('QAT'):.0%} | {r.gap_closed('QAD'):.0%} |"
+            f"{value(v, 'GPTQ')} | {v['QAT']:.4f} | {v['QAD']:.4f} | {closed(r, 'GPTQ')} | "
+            f"{closed(r, 'QAT')} | {closed(r, 'QAD')} | {'GPTQ' if r.init == 'gptq' else 'PTQ'} |"
         )
     lines.append("")
     lines.append(
         f"Steps per QAT/QAD run: {args.steps}; wall time {seconds / 60:.1f} min. "
-        "Gap closed = (PTQ - method) / (PTQ - float); a gap under 1e-12 shows as nan."
+        "Gap closed = (PTQ - method) / (PTQ - float), always against PTQ (rounding to "
+        "nearest); a gap under 1e-12 shows as nan."
     )
     return "\n".join(lines)
 
@@ -216,11 +245,13 @@ def plot(rows: list[Row], path: Path) -> None:
     for ax, metric in zip(axes, metrics):
         selected = [r for r in rows if r.metric == metric]
         width = 0.2
-        for i, method in enumerate(("PTQ", "QAT", "QAD")):
+        methods = [m for m in ("PTQ", "GPTQ", "QAT", "QAD") if all(m in r.values for r in selected)]
+        for i, method in enumerate(methods):
             ax.bar([j + i * width for j in range(len(selected))],
                    [r.values[method] for r in selected], width, label=method)
         ax.axhline(selected[0].float_value, color="black", linestyle="--", label="float")
-        ax.set_xticks([j + width for j in range(len(selected))], [r.fmt for r in selected])
+        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(selected))],
+                      [r.fmt for r in selected])
         ax.set_title(f"{selected[0].model}: {metric}")
         values = [v for r in selected for v in r.values.values()] + [selected[0].float_value]
         low, high = min(values), max(values)
@@ -243,6 +274,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of QAT and of QAD")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--minilm-lr", type=float, default=2e-5)
+    parser.add_argument("--init", choices=["gptq", "nearest"], default="gptq",
+                        help="QAT/QAD start from the GPTQ-rounded model or from PTQ itself")
     parser.add_argument("--gpt-float-steps", type=int, default=1000)
     parser.add_argument("--gpt-layers", type=int, default=4)
     parser.add_argument("--gpt-d-model", type=int, default=128)

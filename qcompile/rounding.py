@@ -57,12 +57,13 @@ class ColumnRounder:
         self._static = static
         self._global_amax: torch.Tensor | None = None
         self._pin: tuple[int, int] | None = None  # (row, column) of the NVFP4 global amax
-        self.force_column = torch.full((rows,), -1, dtype=torch.long)
-        self.force_value = torch.zeros(rows)
+        device = weight.device
+        self.force_column = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.force_value = torch.zeros(rows, device=device)
         #: |rounded values| and |latent values| may not exceed these (per row, this group).
-        self.bound = torch.full((rows,), float("inf"))
+        self.bound = torch.full((rows,), float("inf"), device=device)
         self.latent_bound = self.bound
-        self.scale = torch.ones(rows)
+        self.scale = torch.ones(rows, device=device)
         if self.block is None:
             self._fix_whole_weight(weight, spec.axis)
         elif fmt.scale is ScaleKind.E4M3_TWO_LEVEL:
@@ -87,13 +88,14 @@ class ColumnRounder:
         if axis is None:
             flat = int(magnitude.argmax())
             row, column = flat // weight.shape[1], flat % weight.shape[1]
-            self.scale = torch.full((rows,), float(magnitude[row, column]) / self.element.max_value)
-            self._force(torch.tensor([row]), torch.tensor([column]), weight[row, column].reshape(1))
+            self.scale = (magnitude[row, column] / self.element.max_value).expand(rows).clone()
+            rows_index, columns = torch.tensor([[row], [column]], device=weight.device)
+            self._force(rows_index, columns, weight[row, column].reshape(1))
             self.bound = self.latent_bound = self.force_value[row].abs().expand(rows).clone()
             return
         amax, columns = magnitude.max(dim=1)
         self.scale = amax / self.element.max_value
-        rows_index = torch.arange(rows)
+        rows_index = torch.arange(rows, device=weight.device)
         self._force(rows_index, columns, weight[rows_index, columns])
         self.bound = self.latent_bound = self.force_value.abs()
 
@@ -126,10 +128,10 @@ class ColumnRounder:
             offsets[row] = offset
             sign = 1.0 if float(values[row, offset]) >= 0 else -1.0
             reference[row] = sign * self._global_amax
-        blocks = (amax * torch.where(reference < 0, -1.0, 1.0)).reshape(rows, 1, 1)
-        # The scale of a block whose only nonzero value is its amax is the format's scale.
-        self.scale = numerics.compute_scales(blocks, self._global_amax, self.fmt, 1).scale.reshape(rows)
-        self._force(torch.arange(rows), column + offsets, reference)
+        # A block's scale depends only on its amax: compute it from blocks of one element.
+        amax_blocks = amax.reshape(rows, 1, 1)
+        self.scale = numerics.compute_scales(amax_blocks, self._global_amax, self.fmt, 1).scale.reshape(rows)
+        self._force(torch.arange(rows, device=values.device), column + offsets, reference)
         if self.fmt.scale is ScaleKind.E8M0:
             # E8M0 scales depend on the amax's exponent only: any value keeps it below the
             # next power of two (the forced element keeps it from falling).
