@@ -9,7 +9,8 @@
    QAT uses no teacher; QAD distils the float embeddings (cosine).
 
 PTQ is `max` calibration with every weight rounded to nearest. GPTQ is that model with its
-weights GPTQ-rounded (`qcompile.gptq`, on the calibration batches). QAT and QAD start from the
+weights GPTQ-rounded (`qcompile.gptq`, act-order, Hessians from `--gptq-batches` training
+batches). QAT and QAD start from the
 GPTQ model (`--init nearest`: from PTQ) and take the same number of AdamW steps
 (`qcompile.train`: QAT in train mode, QAD with the student in eval mode, i.e. no dropout).
 
@@ -58,11 +59,11 @@ class Row:
         return (self.values["PTQ"] - self.values[method]) / gap
 
 
-def student_init(ptq: nn.Module, calibration: list, init: str) -> nn.Module:
-    """The model QAT and QAD start from: a copy of PTQ, GPTQ-rounded for init="gptq"."""
+def student_init(ptq: nn.Module, data: list, init: str) -> nn.Module:
+    """The model QAT and QAD start from: a copy of PTQ, GPTQ-rounded on `data` for init="gptq"."""
     student = copy.deepcopy(ptq)
     if init == "gptq":
-        qc.gptq(student, calibration, progress=False)
+        qc.gptq(student, data, progress=False)
     return student
 
 
@@ -113,7 +114,7 @@ def bench_gpt(args) -> list[Row]:
         ptq = qc.prepare(copy.deepcopy(model), fmt, example_inputs=(inputs[0],))
         qc.calibrate(ptq, calibration, method="max")
         row.values["PTQ"] = char_gpt.perplexity(ptq, val_windows)
-        start = student_init(ptq, calibration, args.init)
+        start = student_init(ptq, inputs[: args.gptq_batches], args.init)
         if args.init == "gptq":
             row.values["GPTQ"] = char_gpt.perplexity(start, val_windows)
 
@@ -179,7 +180,7 @@ def bench_minilm(args) -> list[Row]:
         ptq = qc.prepare(copy.deepcopy(model), fmt, example_kwargs=calibration[0])
         qc.calibrate(ptq, calibration, method="max")
         results = {"PTQ": ptq}
-        start = student_init(ptq, calibration, args.init)
+        start = student_init(ptq, (calibration + distill_batches)[: args.gptq_batches], args.init)
         if args.init == "gptq":
             results["GPTQ"] = start
 
@@ -233,6 +234,10 @@ def markdown(rows: list[Row], args, seconds: float) -> str:
     return "\n".join(lines)
 
 
+#: One color per method in every panel (rows saved before GPTQ existed have no GPTQ bar).
+METHOD_COLORS = {"PTQ": "C0", "GPTQ": "C1", "QAT": "C2", "QAD": "C3"}
+
+
 def plot(rows: list[Row], path: Path) -> None:
     import matplotlib
 
@@ -245,10 +250,11 @@ def plot(rows: list[Row], path: Path) -> None:
     for ax, metric in zip(axes, metrics):
         selected = [r for r in rows if r.metric == metric]
         width = 0.2
-        methods = [m for m in ("PTQ", "GPTQ", "QAT", "QAD") if all(m in r.values for r in selected)]
+        methods = [m for m in METHOD_COLORS if all(m in r.values for r in selected)]
         for i, method in enumerate(methods):
             ax.bar([j + i * width for j in range(len(selected))],
-                   [r.values[method] for r in selected], width, label=method)
+                   [r.values[method] for r in selected], width, label=method,
+                   color=METHOD_COLORS[method])
         ax.axhline(selected[0].float_value, color="black", linestyle="--", label="float")
         ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(selected))],
                       [r.fmt for r in selected])
@@ -256,7 +262,8 @@ def plot(rows: list[Row], path: Path) -> None:
         values = [v for r in selected for v in r.values.values()] + [selected[0].float_value]
         low, high = min(values), max(values)
         ax.set_ylim(low - 0.1 * (high - low + 1e-6), high + 0.1 * (high - low + 1e-6))
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -276,6 +283,8 @@ def main() -> None:
     parser.add_argument("--minilm-lr", type=float, default=2e-5)
     parser.add_argument("--init", choices=["gptq", "nearest"], default="gptq",
                         help="QAT/QAD start from the GPTQ-rounded model or from PTQ itself")
+    parser.add_argument("--gptq-batches", type=int, default=32,
+                        help="training batches whose inputs GPTQ's Hessians are taken from")
     parser.add_argument("--gpt-float-steps", type=int, default=1000)
     parser.add_argument("--gpt-layers", type=int, default=4)
     parser.add_argument("--gpt-d-model", type=int, default=128)
@@ -296,6 +305,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.gpt_float_steps, args.gpt_eval_batches = 4, 20, 2
         args.calibration_batches, args.minilm_train_texts, args.minilm_eval_texts = 2, 64, 64
+        args.gptq_batches = 2
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

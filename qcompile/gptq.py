@@ -32,21 +32,32 @@ COLUMNS_PER_STEP = 128
 
 
 def gptq_round(
-    weight: torch.Tensor, hessian: torch.Tensor, rounder: ColumnRounder, damp: float = 0.01
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    rounder: ColumnRounder,
+    damp: float = 0.01,
+    act_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of one [out, in] weight given H = X^T X ([in, in]).
 
     Returns the rounded weight and a latent weight that quantizes to it: the original value
     wherever that rounds to the same grid point (`ColumnRounder.latent`).
     `damp` (a fraction of H's mean diagonal) is added to H's diagonal so that it inverts even
-    where inputs are collinear or never nonzero.
+    where inputs are collinear or never nonzero. `act_order` rounds the columns with the
+    largest inputs first (GPTQ's act-order), with every block's scales fixed beforehand from
+    the original weight (static groups).
     """
     original = weight.detach().float()
-    w = weight.detach().float().clone()
-    columns = w.shape[1]
+    columns = original.shape[1]
     h = hessian.detach().double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
+    order = torch.arange(columns, device=h.device)
+    if act_order:
+        order = torch.argsort(torch.diagonal(h), descending=True)
+        h = h[order][:, order]
+        rounder.fix_all_groups(original)
+    w = original[:, order].clone()
     h += damp * torch.diagonal(h).mean() * torch.eye(columns, dtype=h.dtype, device=h.device)
     try:
         h_inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
@@ -64,8 +75,8 @@ def gptq_round(
         errors = torch.zeros_like(block)
         u = upper[start:end, start:end]
         for i in range(end - start):
-            column = start + i
-            if column % rounder.group_size == 0:
+            column = int(order[start + i])
+            if not act_order and column % rounder.group_size == 0:
                 rounder.start_group(column, block[:, i : i + rounder.group_size])
             q = rounder.round(column, block[:, i])
             rounded[:, column] = q
@@ -152,6 +163,7 @@ def gptq(
     data: CalibrationData,
     *,
     damp: float = 0.01,
+    act_order: bool = True,
     num_batches: int | None = None,
     progress: bool = True,
 ) -> list[str]:
@@ -163,6 +175,9 @@ def gptq(
             computes).
         data: calibration data, as for `qcompile.calibrate` (a few hundred sequences suffice).
         damp: fraction of the mean Hessian diagonal added to it (GPTQ's percdamp).
+        act_order: round the input channels with the largest activations first, block
+            scales fixed from the original weight beforehand (GPTQ's act-order with static
+            groups; all-MiniLM-L6-v2 int4, 32 batches: mean cosine 0.977 without, 0.981 with).
         num_batches, progress: as for `qcompile.calibrate`.
 
     Each weight is replaced by its GPTQ-rounded values, which its quantizer reproduces, so
@@ -206,7 +221,8 @@ def gptq(
         except UnsupportedWeight as error:
             skipped.append(f"{target.site} ({error})")
             continue
-        values, latent = gptq_round(weight, 2 * target.hessian / target.rows, rounder, damp)
+        values, latent = gptq_round(weight, 2 * target.hessian / target.rows, rounder, damp,
+                                    act_order)
         if pre_scale is not None:
             values, latent = values / pre_scale, latent / pre_scale
         with torch.no_grad():  # dividing by pre_scale may move a latent value across a bin edge

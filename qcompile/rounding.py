@@ -37,7 +37,8 @@ class ColumnRounder:
 
     Call `start_group(column, values)` at every multiple of `group_size` with the current
     values of the group's columns (block formats; a no-op otherwise), then `round(column, w)`
-    for each column in order.
+    for each column in order. Or call `fix_all_groups(weight)` once: every block's scales from
+    the original weight ("static groups"), after which columns may come in any order.
     """
 
     def __init__(self, spec: QuantSpec, weight: torch.Tensor, amax: torch.Tensor | None) -> None:
@@ -64,6 +65,7 @@ class ColumnRounder:
         self.bound = torch.full((rows,), float("inf"), device=device)
         self.latent_bound = self.bound
         self.scale = torch.ones(rows, device=device)
+        self._groups: list[tuple[torch.Tensor, ...]] | None = None  # per block, once all are fixed
         if self.block is None:
             self._fix_whole_weight(weight, spec.axis)
         elif fmt.scale is ScaleKind.E4M3_TWO_LEVEL:
@@ -131,7 +133,8 @@ class ColumnRounder:
         # A block's scale depends only on its amax: compute it from blocks of one element.
         amax_blocks = amax.reshape(rows, 1, 1)
         self.scale = numerics.compute_scales(amax_blocks, self._global_amax, self.fmt, 1).scale.reshape(rows)
-        self._force(torch.arange(rows, device=values.device), column + offsets, reference)
+        self.force_column = column + offsets
+        self.force_value = self._round_values(reference, self.scale)
         if self.fmt.scale is ScaleKind.E8M0:
             # E8M0 scales depend on the amax's exponent only: any value keeps it below the
             # next power of two (the forced element keeps it from falling).
@@ -140,8 +143,26 @@ class ColumnRounder:
         else:
             self.bound = self.latent_bound = self.force_value.abs()
 
+    def fix_all_groups(self, weight: torch.Tensor) -> None:
+        """Fix every block's scales now, from `weight` (the original): columns may then be
+        rounded in any order (GPTQ's act-order); no `start_group` calls."""
+        if self.block is None:
+            return
+        groups = []
+        for column in range(0, weight.shape[1], self.block):
+            self.start_group(column, weight[:, column : column + self.block])
+            groups.append((self.scale, self.force_column, self.force_value, self.bound,
+                           self.latent_bound))
+        self._groups = groups
+
+    def _select(self, column: int) -> None:
+        if self._groups is not None:
+            (self.scale, self.force_column, self.force_value, self.bound,
+             self.latent_bound) = self._groups[column // self.block]
+
     def round(self, column: int, w: torch.Tensor) -> torch.Tensor:
         """The quantized values of column `column` (current values `w`, one per row)."""
+        self._select(column)
         q = self._round_values(w.float(), self.scale)
         q = torch.maximum(torch.minimum(q, self.bound), -self.bound)
         forced = self.force_column == column
@@ -155,6 +176,7 @@ class ColumnRounder:
         which later training (QAT/QAD) moves weights across; a weight on its grid point is
         half a step from either neighbour.
         """
+        self._select(column)
         kept = torch.maximum(torch.minimum(original.float(), self.latent_bound), -self.latent_bound)
         same = (self._round_values(kept, self.scale) == q) & (self.force_column != column)
         return torch.where(same, kept, q)
