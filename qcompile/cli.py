@@ -90,6 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
         recipe=args.recipe,
         calibration_texts=args.calibration_texts,
         qad_steps=args.qad_steps,
+        gptq=args.gptq,
         eval_texts=args.eval_texts,
         output_dir=args.output_dir,
     )
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--recipe", default="nvfp4", help="named recipe (default: nvfp4)")
     demo.add_argument("--calibration-texts", type=int, default=256)
     demo.add_argument("--qad-steps", type=int, default=40, help="QAD optimizer steps (0: skip)")
+    demo.add_argument("--no-gptq", dest="gptq", action="store_false",
+                      help="keep the weights rounded to nearest (skip GPTQ after calibration)")
     demo.add_argument("--eval-texts", type=int, default=256)
     demo.add_argument("--output-dir", default="qcompile-demo", help="where results are written")
     demo.set_defaults(run=_demo)

@@ -1,8 +1,9 @@
 """`qcompile demo`: the whole pipeline on the embedded default, all-MiniLM-L6-v2.
 
 Loads the real sentence encoder offline, prepares it with a recipe (nvfp4 by default),
-calibrates it on standard-library docstrings (PTQ), distils the float encoder into it for a
-few steps (QAD, cosine loss on the embeddings), and measures how faithfully each stage
+calibrates it on standard-library docstrings (PTQ), GPTQ-rounds its weights on the same
+docstrings, distils the float encoder into it for a few steps (QAD, cosine loss on the
+embeddings), and measures how faithfully each stage
 reproduces the float embeddings on held-out docstrings (mean cosine similarity and top-1
 retrieval agreement). Exports the result to ONNX for TensorRT and checks the exported numbers with onnx.reference.
 Writes `model.onnx`, `results.json`, `report.txt` and `fidelity.png`.
@@ -138,6 +139,7 @@ def run_demo(
     eval_texts: int = 256,
     qad_steps: int = 40,
     output_dir: str | Path = "qcompile-demo",
+    gptq: bool = True,
 ) -> dict[str, Fidelity]:
     """Run the demo and return the fidelity of each stage against the float model."""
     import qcompile as qc
@@ -156,6 +158,11 @@ def run_demo(
     qmodel = qc.prepare(model, recipe, example_kwargs=calibration[0])
     qc.calibrate(qmodel, calibration, method="max")
     results = {f"{recipe} PTQ": fidelity(float_embeddings, embed(qmodel, evaluation, "PTQ embeddings"))}
+    if gptq:
+        qc.gptq(qmodel, calibration)
+        results[f"{recipe} GPTQ"] = fidelity(
+            float_embeddings, embed(qmodel, evaluation, "GPTQ embeddings")
+        )
     if qad_steps > 0:
         distiller = qc.Distiller(copy.deepcopy(model), qmodel, loss="cosine")
         qc.train(qmodel, distillation, steps=qad_steps, lr=2e-5, distiller=distiller)

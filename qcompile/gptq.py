@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from tqdm.auto import tqdm
 
 from qcompile.calibrate import CalibrationData, CalibrationWarning, _check_data_reached, _eval_mode, _run_data
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
@@ -204,7 +205,7 @@ def gptq(
     )
     rounded, skipped = [], []
     shared = {t.weight_name for t in targets if sum(u.weight_name == t.weight_name for u in targets) > 1}
-    for target in targets:
+    for target in tqdm(targets, desc="GPTQ", unit="site", disable=not progress):
         if target.hessian is None:
             continue
         if target.weight_name in shared:

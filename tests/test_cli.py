@@ -61,8 +61,9 @@ def test_demo_runs_the_pipeline_on_the_real_minilm(tmp_path, capsys):
     assert main(["demo", "--calibration-texts", "32", "--eval-texts", "64", "--qad-steps", "2",
                  "--output-dir", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"nvfp4 PTQ", "nvfp4 QAD", "onnx"}
+    assert set(results) == {"nvfp4 PTQ", "nvfp4 GPTQ", "nvfp4 QAD", "onnx"}
     assert 0.9 < results["nvfp4 PTQ"]["mean_cosine"] <= 1.0
+    assert results["nvfp4 GPTQ"]["mean_cosine"] > results["nvfp4 PTQ"]["mean_cosine"]
     # The exported standard-ONNX model, run by onnx.reference, computes what PyTorch computes.
     assert results["onnx"]["parity_max_diff"] < 1e-4
     # Float MiniLM is ~90 MB, 47 MB of it the (unquantized) embedding table; 4-bit Linears
