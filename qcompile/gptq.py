@@ -24,6 +24,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from qcompile.calibrate import CalibrationData, CalibrationWarning, _check_data_reached, _eval_mode, _run_data
+from qcompile.distributed import all_reduce, is_distributed
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
 from qcompile.quantizer import Quantizer
 from qcompile.rounding import ColumnRounder, UnsupportedWeight
@@ -159,6 +160,19 @@ def _record_hessians(
         _run_data(probe, data, num_batches, progress)
 
 
+def _merge_across_ranks(model: nn.Module, targets: list[_Target]) -> None:
+    """Every rank's X^T X summed, so that every rank rounds every weight the same way."""
+    for target in targets:
+        columns = model.get_parameter(target.weight_name).shape[1]
+        hessian = target.hessian
+        if hessian is None:
+            hessian = torch.zeros(columns, columns, dtype=torch.float64)
+        target.hessian = all_reduce(hessian, "sum")
+        target.rows = int(all_reduce(torch.tensor(float(target.rows)), "sum"))
+        if target.rows == 0:
+            target.hessian = None
+
+
 def gptq(
     model: nn.Module,
     data: CalibrationData,
@@ -185,7 +199,8 @@ def gptq(
     the model computes the same in eval mode, in training and after export. Returns the
     rounded site names. Sites whose weight quantizer is disabled, whose weight is not an
     [out, in] parameter or whose scales run along the input axis are left as they were (a
-    warning lists the last kind). On error nothing changes.
+    warning lists the last kind). On error nothing changes. In a distributed run the
+    Hessians are summed over the ranks, so every rank installs the same weights.
     """
     if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp > 0:
         raise ValueError(f"damp must be a positive number, got {damp!r}")
@@ -197,6 +212,8 @@ def gptq(
             "the model has no quantized Linear weight to round; check qcompile.report(model)"
         )
     _record_hessians(model, targets, site_nodes, data, num_batches, progress)
+    if is_distributed():
+        _merge_across_ranks(model, targets)
     unseen = [t.site for t in targets if t.hessian is None]
     _check_data_reached(
         unseen, len(targets),

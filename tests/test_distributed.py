@@ -118,6 +118,7 @@ def calibration_scenario(rank, world):
     out["rank 1 without data"] = amaxes(prepared(data=SHARDS[0] if rank == 0 else []))
     for alpha in (0.5, "auto"):
         out[f"smooth {alpha}"] = pre_scales(_smoothed(SHARDS[rank], alpha))
+    out["gptq"] = gptq_weights(SHARDS[rank])
     model = prepared()
     try:
         qc.calibrate(model, [SHARDS[rank][0] * (float("nan") if rank == 1 else 1)],
@@ -132,6 +133,13 @@ def _smoothed(data, alpha):
     model = prepared()
     qc.smooth(model, data, alpha=alpha, progress=False)
     return model
+
+
+def gptq_weights(data) -> dict[str, torch.Tensor]:
+    model = prepared(data=data)
+    qc.gptq(model, data, progress=False)
+    return {name: p.detach().clone() for name, p in model.named_parameters()
+            if name.endswith("weight")}
 
 
 def pre_scales(model) -> dict[str, torch.Tensor]:
@@ -281,6 +289,17 @@ def test_smoothing_gives_every_rank_the_same_scales(ranks, alpha):
     if alpha == 0.5:  # a fixed alpha needs only the channel maxima: those of all the data
         # (fc2's input comes out of fc1, whose GEMM may round differently in another process)
         assert_equal_tensors(rank0, pre_scales(_smoothed(UNION, alpha)), rtol=1e-6, atol=0)
+
+
+def test_gptq_gives_every_rank_the_weights_of_all_ranks_data(ranks):
+    rank0, rank1 = (seen["gptq"] for seen in result(ranks, "calibration"))
+    assert rank0 and rank0.keys() == rank1.keys()
+    assert_equal_tensors(rank0, rank1)  # the summed Hessians: bit-identical weights
+    single = gptq_weights(UNION)
+    for name, weight in rank0.items():
+        # The Hessian sums run in another order than one process's: a rare rounding tie
+        # may fall the other way, never more than a few elements.
+        assert float((weight != single[name]).float().mean()) < 0.01, name
 
 
 def test_a_rank_without_data_takes_the_scales_of_the_others(ranks):
