@@ -10,9 +10,9 @@
 
 PTQ is `max` calibration with every weight rounded to nearest. GPTQ is that model with its
 weights GPTQ-rounded (`qcompile.gptq`, act-order, Hessians from `--gptq-batches` training
-batches). QAT and QAD start from the
-GPTQ model (`--init nearest`: from PTQ) and take the same number of AdamW steps
-(`qcompile.train`: QAT in train mode, QAD with the student in eval mode, i.e. no dropout).
+batches). QAT and QAD start from the GPTQ model (`--init nearest`: from PTQ) and take the
+same number of AdamW steps (`qcompile.train`: QAT in train mode, QAD with the student in eval
+mode, i.e. no dropout).
 
     python bench/accuracy.py                      # full run, writes bench/RESULTS.md section
     python bench/accuracy.py --quick --no-write   # smoke run

@@ -4,10 +4,10 @@ Rounding each weight to its nearest grid value (what the weight quantizer does) 
 errors the layer's inputs amplify. GPTQ rounds one input column at a time and moves each
 column's rounding error into the columns not yet rounded, weighted by the inverse Hessian
 H = X^T X of the layer's inputs X, which minimises the error of the layer's output
-||X W^T - X Q(W)^T|| far better than rounding to nearest. The rounded weight is written back
-as the latent weight of the prepared model; its weight quantizer reproduces it exactly
-(`qcompile.rounding` fixes the scales so that it does), so PTQ, QAT and QAD all start from it
-and export stores it as is.
+||X W^T - X Q(W)^T|| far better than rounding to nearest. The prepared model's latent weight
+is replaced by one that its weight quantizer rounds exactly to the GPTQ values (each original
+value kept where it already rounds there; `qcompile.rounding` fixes the scales so that this
+holds), so PTQ, QAT, QAD and the exported model all compute with them.
 
 The inputs X are those the quantized model feeds each site (after its input quantizer, with
 the other weights still rounded to nearest), recorded in one pass over the data.
@@ -195,8 +195,8 @@ def gptq(
             groups; all-MiniLM-L6-v2 int4, 32 batches: mean cosine 0.977 without, 0.981 with).
         num_batches, progress: as for `qcompile.calibrate`.
 
-    Each weight is replaced by its GPTQ-rounded values, which its quantizer reproduces, so
-    the model computes the same in eval mode, in training and after export. Returns the
+    Each latent weight is replaced by one that its quantizer rounds to the GPTQ values, so
+    the model computes with them in eval mode, in training and after export. Returns the
     rounded site names. Sites whose weight quantizer is disabled, whose weight is not an
     [out, in] parameter or whose scales run along the input axis are left as they were (a
     warning lists the last kind). On error nothing changes. In a distributed run the

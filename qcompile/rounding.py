@@ -5,7 +5,7 @@ columns not yet quantized, so the scales must be fixed before the columns they c
 rounded: per tensor or per output channel at the start, per block when the block's first
 column comes up (from the values as they are by then).
 
-qcompile stores the rounded weight back as the latent float weight, which the model's weight
+qcompile stores a latent float weight that rounds to the GPTQ values, which the model's weight
 quantizer fake-quantizes again on every forward, with dynamic scales derived from that weight.
 For that second quantization to reproduce the rounded values, every dynamic scale must come
 out the same: the element that sets a scale's amax keeps the value it rounds to when the scale
