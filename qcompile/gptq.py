@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -92,9 +93,11 @@ def gptq_round(
 
 @dataclass
 class _Target:
-    """One quantized Linear site: its weight parameter, weight quantizer and input Hessian."""
+    """One quantized Linear site: its graph node, weight parameter, weight quantizer and
+    input Hessian."""
 
     site: str
+    node_name: str
     weight_name: str
     quantizer: Quantizer
     hessian: torch.Tensor | None = None
@@ -117,13 +120,13 @@ class _HessianRecorder(nn.Module):
         return x
 
 
-def _targets(model: fx.GraphModule) -> tuple[list[_Target], dict[str, fx.Node]]:
-    """The Linear sites whose weight is quantized, with the graph node of each."""
+def _targets(model: fx.GraphModule) -> list[_Target]:
+    """The Linear sites whose weight is quantized."""
     sites: list[Site] | None = getattr(model, "qcompile_sites", None)
     if sites is None:
         raise ValueError("gptq needs a model prepared by qcompile.prepare (it reads its sites)")
     nodes = {node.name: node for node in model.graph.nodes}
-    targets, site_nodes = [], {}
+    targets = []
     for site in sites:
         if site.kind is not SiteKind.LINEAR or site.status is not SiteStatus.QUANTIZED:
             continue
@@ -136,20 +139,19 @@ def _targets(model: fx.GraphModule) -> tuple[list[_Target], dict[str, fx.Node]]:
                 and weight_node.target == site.quantizers["weight"]
                 and weight_node.args[0].op == "get_attr") or not quantizer.enabled:
             continue
-        targets.append(_Target(site.name, weight_node.args[0].target, quantizer))
-        site_nodes[site.name] = node
-    return targets, site_nodes
+        targets.append(_Target(site.name, node.name, weight_node.args[0].target, quantizer))
+    return targets
 
 
 def _record_hessians(
-    model: fx.GraphModule, targets: list[_Target], site_nodes: dict[str, fx.Node],
-    data: CalibrationData, num_batches: int | None, progress: bool,
+    model: fx.GraphModule, targets: list[_Target], data: CalibrationData,
+    num_batches: int | None, progress: bool,
 ) -> None:
     """Run `data` through a copy of `model` with a recorder in front of each site's input."""
     probe = copy.deepcopy(model)
     nodes = {node.name: node for node in probe.graph.nodes}
     for index, target in enumerate(targets):
-        node = nodes[site_nodes[target.site].name]
+        node = nodes[target.node_name]
         name = f"_qcompile_gptq_recorder_{index}"
         probe.add_submodule(name, _HessianRecorder(target))
         with probe.graph.inserting_before(node):
@@ -206,12 +208,12 @@ def gptq(
         raise ValueError(f"damp must be a positive number, got {damp!r}")
     if not isinstance(model, fx.GraphModule):
         raise ValueError("gptq needs a model prepared by qcompile.prepare (it reads its sites)")
-    targets, site_nodes = _targets(model)
+    targets = _targets(model)
     if not targets:
         raise ValueError(
             "the model has no quantized Linear weight to round; check qcompile.report(model)"
         )
-    _record_hessians(model, targets, site_nodes, data, num_batches, progress)
+    _record_hessians(model, targets, data, num_batches, progress)
     if is_distributed():
         _merge_across_ranks(model, targets)
     unseen = [t.site for t in targets if t.hessian is None]
@@ -221,11 +223,11 @@ def gptq(
         partial="Linear sites saw no data and keep rounding to nearest: {names}",
     )
     rounded, skipped = [], []
-    shared = {t.weight_name for t in targets if sum(u.weight_name == t.weight_name for u in targets) > 1}
+    uses = Counter(t.weight_name for t in targets)
     for target in tqdm(targets, desc="GPTQ", unit="site", disable=not progress):
         if target.hessian is None:
             continue
-        if target.weight_name in shared:
+        if uses[target.weight_name] > 1:
             skipped.append(f"{target.site} (its weight {target.weight_name} feeds several sites)")
             continue
         parameter = model.get_parameter(target.weight_name)
@@ -243,9 +245,10 @@ def gptq(
                                     act_order)
         if pre_scale is not None:
             values, latent = values / pre_scale, latent / pre_scale
-        with torch.no_grad():  # dividing by pre_scale may move a latent value across a bin edge
-            moved = quantizer(latent) != quantizer(values)
-        rounded.append((target, torch.where(moved, values, latent)))
+            with torch.no_grad():  # dividing by pre_scale may move a latent value across a bin edge
+                moved = quantizer(latent) != quantizer(values)
+            latent = torch.where(moved, values, latent)
+        rounded.append((target, latent))
     if skipped:
         warnings.warn(f"GPTQ left {len(skipped)} sites rounded to nearest: {'; '.join(skipped)}",
                       CalibrationWarning, stacklevel=2)

@@ -66,14 +66,19 @@ def test_identity_hessian_is_rounding_to_nearest(name):
     torch.testing.assert_close(_reference(latent, spec, kwargs), rounded, rtol=1e-6, atol=0)
 
 
+def _round_correlated(spec: QuantSpec, act_order: bool):
+    """The test weight and its GPTQ (rounded, latent) for the correlated inputs."""
+    w, x = _weight(), _correlated_inputs()
+    return w, *gptq_round(w, x.T @ x, ColumnRounder(spec, w, None), act_order=act_order)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("name", list(WEIGHT_SPECS))
 def test_rounded_weight_quantizes_to_itself(name, act_order):
     # The prepared model re-quantizes the stored weight with dynamic scales on every
     # forward: the GPTQ result must be a fixed point of the format, outliers and all.
     spec, kwargs = WEIGHT_SPECS[name]
-    w, x = _weight(), _correlated_inputs()
-    rounded, latent = gptq_round(w, x.T @ x, ColumnRounder(spec, w, None), act_order=act_order)
+    w, rounded, latent = _round_correlated(spec, act_order)
     torch.testing.assert_close(_reference(rounded, spec, kwargs), rounded, rtol=1e-6, atol=0)
     torch.testing.assert_close(_reference(latent, spec, kwargs), rounded, rtol=1e-6, atol=0)
     assert float((latent == w).float().mean()) > 0.25  # many weights keep their place in the bin
@@ -85,8 +90,7 @@ def test_rounded_weight_quantizes_to_itself(name, act_order):
 @pytest.mark.parametrize("name", list(WEIGHT_SPECS))
 def test_output_error_is_below_rounding_to_nearest(name, act_order):
     spec, kwargs = WEIGHT_SPECS[name]
-    w, x = _weight(), _correlated_inputs()
-    rounded, _ = gptq_round(w, x.T @ x, ColumnRounder(spec, w, None), act_order=act_order)
+    w, rounded, _ = _round_correlated(spec, act_order)
     nearest = _reference(w, spec, kwargs)
     held_out = _correlated_inputs(seed=2)  # the same distribution, other samples
     error = (held_out @ (rounded - w).T).square().sum()
