@@ -81,8 +81,9 @@ class NextByteLoss(nn.Module):
         return {"loss": char_gpt.next_byte_loss(self.model, window)}
 
 
-def float_gpt(args) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
-    """The float GPT (trained here, cached under bench/.cache) and train/validation windows."""
+def float_gpt(args) -> tuple[nn.Module, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The float GPT (trained here, cached under bench/.cache), the training split's bytes,
+    and the windows it was trained on and is validated on."""
     config = char_gpt.GPTConfig(layers=args.gpt_layers, d_model=args.gpt_d_model)
     train_data = char_gpt.encode(corpus.source_text("train", max_chars=4_000_000))
     val_data = char_gpt.encode(corpus.source_text("val", max_chars=400_000))
@@ -99,14 +100,17 @@ def float_gpt(args) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
                  warmup=max(1, args.gpt_float_steps // 20))
         CACHE.mkdir(exist_ok=True)
         torch.save(model.state_dict(), path)
-    return model.eval(), train_windows, val_windows
+    return model.eval(), train_data, train_windows, val_windows
 
 
 def bench_gpt(args) -> list[Row]:
-    model, train_windows, val_windows = float_gpt(args)
+    model, train_data, train_windows, val_windows = float_gpt(args)
     inputs = [w[:, :-1] for w in train_windows]
     calibration = inputs[: args.calibration_batches]
-    qat_data = train_windows[-args.steps * 2 :]
+    # One new batch of random training-split windows per QAT/QAD step (a seed of its own, not
+    # the float model's batches), none seen twice.
+    qat_data = char_gpt.sample_batches(train_data, args.gpt_batch, model.config.seq_len,
+                                       args.steps, seed=7)
     float_ppl = char_gpt.perplexity(model, val_windows)
     rows = []
     for fmt in args.formats:
@@ -279,7 +283,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["gpt", "minilm"], choices=["gpt", "minilm"])
     parser.add_argument("--formats", nargs="+", default=list(FORMATS))
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of QAT and of QAD")
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=4e-3, help="peak lr of the GPT's QAT and QAD")
     parser.add_argument("--minilm-lr", type=float, default=2e-5)
     parser.add_argument("--init", choices=["gptq", "nearest"], default="gptq",
                         help="QAT/QAD start from the GPTQ-rounded model or from PTQ itself")
