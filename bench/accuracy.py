@@ -109,7 +109,7 @@ def bench_gpt(args) -> list[Row]:
     calibration = inputs[: args.calibration_batches]
     # One new batch of random training-split windows per QAT/QAD step (a seed of its own, not
     # the float model's batches), none seen twice.
-    qat_data = char_gpt.sample_batches(train_data, args.gpt_batch, model.config.seq_len,
+    qat_data = char_gpt.sample_batches(train_data, args.gpt_qat_batch, model.config.seq_len,
                                        args.steps, seed=7)
     float_ppl = char_gpt.perplexity(model, val_windows)
     rows = []
@@ -293,6 +293,7 @@ def main() -> None:
     parser.add_argument("--gpt-layers", type=int, default=4)
     parser.add_argument("--gpt-d-model", type=int, default=128)
     parser.add_argument("--gpt-batch", type=int, default=16, help="float training batch")
+    parser.add_argument("--gpt-qat-batch", type=int, default=32, help="windows per QAT/QAD step")
     parser.add_argument("--gpt-eval-batches", type=int, default=16)
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--minilm-train-texts", type=int, default=2048)
