@@ -353,8 +353,10 @@ def test_qad_under_ddp_equals_one_process_and_never_moves_the_teacher(ranks):
                      loss_of=lambda x, y: distiller(x))
     assert not rank0["teacher moved"] and not rank1["teacher moved"]
     assert rank0["losses"] == rank1["losses"]
+    # The distillation loss falls to ~1e-3 in these steps: atol covers the summation order
+    # of the two ranks' gradients (3e-8 seen on an AMD EPYC).
     torch.testing.assert_close(torch.tensor(rank0["losses"]), torch.tensor(expected),
-                               rtol=1e-5, atol=0)
+                               rtol=1e-5, atol=1e-7)
     assert_equal_tensors(rank0["state"], full_state(student), rtol=1e-5, atol=1e-6)
 
 
