@@ -65,7 +65,8 @@ def assert_close_but_one_rounding_flip(got: torch.Tensor, want: torch.Tensor) ->
     round the other way (seen once on an AMD EPYC, mxfp8), which changes one row downstream."""
     wrong = ~torch.isclose(got, want, rtol=1e-5, atol=1e-5)
     rows = wrong.reshape(-1, got.shape[-1]).any(dim=-1)
-    assert int(rows.sum()) <= 1, f"{int(rows.sum())} rows differ, e.g. {got[wrong][:4]} vs {want[wrong][:4]}"
+    assert int(rows.sum()) <= 1, (
+        f"{int(rows.sum())} rows differ, e.g. {got[wrong][:4]} vs {want[wrong][:4]}")
 
 
 @pytest.mark.slow
