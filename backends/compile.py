@@ -2,11 +2,12 @@
 
 Inductor treats a custom op as an opaque call: one extra pass over memory that cannot fuse with
 the element-wise kernels beside it. This backend hands inductor a decomposition of each
-`qcompile` op into the aten reference of `qcompile.numerics` (the same code that defines the
+`qcompile` op into the aten reference of `qcompile.core.numerics` (the same code that defines the
 numbers), so forward and backward fuse into their neighbours. On CPU the straight-through
 backward is written so that no bool mask is saved between forward and backward (see
-`_ste_backward`). Scales stay tensors, so changing them never recompiles. It knows nothing of
-how a model was prepared.
+`_ste_backward`). Scales stay tensors, so changing them never recompiles. Compiling a prepared
+model needs nothing from `prepare`; only the `recipe` option below runs prepare's graph passes
+on the graph dynamo captured.
 
 Registered through the `torch_dynamo_backends` entry point: `torch.compile(m, backend="qcompile")`
 works after installation, without importing qcompile.
@@ -26,7 +27,7 @@ Options (`torch.compile(m, backend="qcompile", options={...})`):
   quantizers already. For calibrated static ranges: `qcompile.prepare`, `qcompile.calibrate`,
   then compile the prepared model without this option.
 - `lowering`: `"decompose"` (default) hands inductor the aten decomposition of each op;
-  `"kernel"` keeps each op an opaque call into its kernel (`qcompile.kernels`), for comparison.
+  `"kernel"` keeps each op an opaque call into its kernel (`qcompile.core.kernels`), for comparison.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from qcompile import numerics
-from qcompile.fake_quant import fake_quantize
-from qcompile.formats import get_format
-from qcompile.kernels.cpu import REFERENCES
-from qcompile.ops import block_or_none
-from qcompile.quantizer import Quantizer
+from qcompile.core import numerics
+from qcompile.core.fake_quant import fake_quantize
+from qcompile.core.formats import get_format
+from qcompile.core.kernels.cpu import REFERENCES
+from qcompile.core.ops import block_or_none
+from qcompile.core.quantizer import Quantizer
 
 LOWERINGS = ("decompose", "kernel")
 

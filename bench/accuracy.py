@@ -9,9 +9,9 @@
    QAT uses no teacher; QAD distils the float embeddings (cosine).
 
 PTQ is `max` calibration with every weight rounded to nearest. GPTQ is that model with its
-weights GPTQ-rounded (`qcompile.gptq`, act-order, Hessians from `--gptq-batches` training
+weights GPTQ-rounded (`qcompile.algorithms.gptq`, act-order, Hessians from `--gptq-batches` training
 batches). QAT and QAD start from the GPTQ model (`--init nearest`: from PTQ) and take the
-same number of AdamW steps (`qcompile.train`: QAT in train mode, QAD with the student in eval
+same number of AdamW steps (`qcompile.training.train`: QAT in train mode, QAD with the student in eval
 mode, i.e. no dropout).
 
     python bench/accuracy.py                      # full run, writes bench/RESULTS.md section
@@ -30,13 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from results import write_section
 from torch import nn
 from torch.nn import functional as F
 
 import qcompile as qc
-from qcompile import char_gpt, corpus, minilm
-from qcompile.demo import embed, fidelity, text_batches
-from results import write_section
+from qcompile.demo import char_gpt, corpus, minilm
+from qcompile.demo.run import embed, fidelity, text_batches
 
 FORMATS = ("int8", "fp8", "nvfp4", "mxfp4", "int4")
 HERE = Path(__file__).resolve().parent

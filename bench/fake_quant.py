@@ -28,9 +28,9 @@ import time
 from typing import Callable
 
 import torch
+from results import cpu_model
 
 import qcompile
-from results import cpu_model
 
 
 def synchronize() -> None:

@@ -2,9 +2,9 @@
 
 One train step = forward, loss, backward, AdamW step. Two models:
 
-1. `qcompile.char_gpt.CharGPT` (4 layers, d_model 256, 4 heads), batch 8 x 128 bytes,
+1. `qcompile.demo.char_gpt.CharGPT` (4 layers, d_model 256, 4 heads), batch 8 x 128 bytes,
    next-byte cross-entropy.
-2. The real all-MiniLM-L6-v2 (`qcompile.minilm`, loaded offline), batch 16 x 64 tokens,
+2. The real all-MiniLM-L6-v2 (`qcompile.demo.minilm`, loaded offline), batch 16 x 64 tokens,
    cosine loss of the sentence embeddings to fixed random targets.
 
 Variants of each model, all alive at once: float eager and float compiled (inductor);
@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from results import cpu_model, write_section
 from torch import nn
 from torch.nn import functional as F
 
 import qcompile as qc
-from qcompile import char_gpt
-from results import cpu_model, write_section
+from qcompile.demo import char_gpt
 
 HERE = Path(__file__).resolve().parent
 RECIPES = ("int8", "fp8", "nvfp4", "mxfp4", "mxfp8", "int4")
@@ -110,7 +110,7 @@ def gpt_workload(quick: bool) -> Workload:
 
 
 def minilm_workload(quick: bool) -> Workload:
-    from qcompile import minilm
+    from qcompile.demo import minilm
 
     encoder, tokenizer = minilm.load()
     batch, seq = (2, 16) if quick else (16, 64)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import qcompile as qc
-from qcompile.char_gpt import CharGPT, GPTConfig, encode, sample_batches
+from qcompile.demo.char_gpt import CharGPT, GPTConfig, encode, sample_batches
 
 CONFIG = GPTConfig(layers=2, d_model=64, heads=2, seq_len=32)
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     if args.teacher:
         teacher.load_state_dict(torch.load(args.teacher, map_location="cpu"))
     teacher.to(device).eval()
-    text = encode("\n".join(p.read_text() for p in sorted(Path(qc.__file__).parent.glob("*.py"))))
+    text = encode("\n".join(p.read_text() for p in sorted(Path(qc.__file__).parent.rglob("*.py"))))
     # Each rank its own windows (seeded by rank): calibration data, then one batch per step.
     windows = sample_batches(text, args.batch_size, CONFIG.seq_len,
                              args.calibration_batches + args.steps, seed=1000 + rank)

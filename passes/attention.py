@@ -18,7 +18,7 @@ import torch
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
-from qcompile.passes.match import SDPA_OPS, is_target, shape
+from qcompile.passes._fx import SDPA_OPS, is_target, shape
 
 aten = torch.ops.aten
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qcompile.passes.match import is_parameter_input, recorded_value
+from qcompile.passes._fx import is_parameter_input, recorded_value
 
 aten = torch.ops.aten
 

@@ -17,6 +17,7 @@ import copy
 import inspect
 import io
 import os
+import sys
 import traceback
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,13 +29,13 @@ from torch.export import Dim
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
-import qcompile
-from qcompile.passes.inputs import describe_call, model_dtype_device
+from qcompile.core.calls import describe_call, model_dtype_device
+from qcompile.passes._fx import get_operand, operand_positions
 
 #: Frames in these directories are ours or torch's, never the construct to report.
 _LIBRARY_DIRS = tuple(
     os.path.dirname(os.path.abspath(path)) + os.sep
-    for path in (torch.__file__, qcompile.__file__, __file__)
+    for path in (torch.__file__, sys.modules["qcompile"].__file__, __file__)
 )
 
 
@@ -228,3 +229,56 @@ def _where(error: BaseException) -> str:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def site_operand_problem(gm: fx.GraphModule, sites: list) -> str | None:
+    """Why the model cannot run on its example inputs, where a site's two operands differ in
+    dtype or its activation is not floating point (export traces that; eager fails); else None.
+    """
+    if any("autocast" in str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes):
+        return None  # autocast regions compute in another dtype than their inputs are
+    nodes = {node.name: node for node in gm.graph.nodes}
+    for site in sites:
+        node = nodes[site.node_name]
+        operands = [get_operand(node.args, p) for p in operand_positions(node).values()]
+        dtypes = [_val_dtype(o) for o in operands]
+        if None in dtypes:
+            continue
+        if dtypes[0] == dtypes[1] and dtypes[0].is_floating_point:
+            continue
+        weight = _dtype_name(dtypes[1])
+        culprits = [p for p in _placeholders(operands[0]) if _val_dtype(p) not in (dtypes[1], None)]
+        named = ", ".join(f"{p.target!r} ({_dtype_name(_val_dtype(p))})" for p in culprits)
+        return (
+            f"the model cannot run on the example inputs: site {site.name} ({site.kind.value}) "
+            f"multiplies a {_dtype_name(dtypes[0])} input by a {weight} operand"
+            + (f"; it comes from example input {named}" if named else "")
+            + f". Fix example_inputs / example_kwargs: pass floating-point tensors in the "
+            f"model's dtype ({weight}), e.g. x.to(torch.{weight}), or convert the model."
+        )
+    return None
+
+
+def _val_dtype(node: Any) -> torch.dtype | None:
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    return getattr(val, "dtype", None)
+
+
+def _placeholders(node: fx.Node) -> list[fx.Node]:
+    """The graph inputs that `node` is computed from."""
+    seen, stack, found = set(), [node], []
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            found.append(current)
+        stack.extend(current.all_input_nodes)
+    return found
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -15,10 +15,10 @@ from dataclasses import replace
 import torch
 from torch import fx
 
-from qcompile.formats import get_format
-from qcompile.passes.match import get_operand, operand_positions, set_operand
+from qcompile.core.formats import get_format
+from qcompile.core.quantizer import Quantizer, QuantSpec
+from qcompile.passes._fx import get_operand, operand_positions, set_operand
 from qcompile.passes.sites import Site, SiteStatus
-from qcompile.quantizer import QuantSpec, Quantizer
 
 aten = torch.ops.aten
 

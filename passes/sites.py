@@ -4,7 +4,8 @@ A site is one matmul-like op (a Linear, an activation-activation matmul, a convo
 stable, human-readable name derived from the module path (`encoder.layer.0.attention.self.query`,
 `encoder.layer.0.attention.self.matmul_0`). The match pass produces sites; the insert pass fills
 in which quantizer modules guard which inputs; `calibrate` and `report` read them back from the
-prepared model's `qcompile_sites` attribute. Nothing here knows about numerics or ONNX.
+prepared model's `qcompile_sites` attribute, and `site_quantizers` lists every quantizer of a
+prepared model with its site and role. Nothing here knows about numerics or ONNX.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from qcompile.quantizer import QuantSpec
+from torch import nn
+
+from qcompile.core.quantizer import Quantizer, QuantSpec
 
 
 class SiteKind(enum.Enum):
@@ -47,3 +50,54 @@ class Site:
     reduction_axes: dict[str, int] = field(default_factory=dict)
     #: K, the length of the reduced axis; None where it is dynamic or unknown.
     reduction_size: int | None = None
+
+
+@dataclass(frozen=True)
+class SiteQuantizer:
+    """One quantizer of a prepared model: the site and role it guards, and its module path.
+    `site` is None for a `Quantizer` that no site lists (a hand-built module's)."""
+
+    site: Site | None
+    role: str
+    path: str
+    quantizer: Quantizer
+
+    @property
+    def label(self) -> str:
+        """"encoder.q (input)" for a site's quantizer; its module path otherwise."""
+        return self.path if self.site is None else f"{self.site.name} ({self.role})"
+
+
+def model_sites(model: nn.Module) -> list[Site] | None:
+    """The sites `prepare` found in `model` (quantized or not), or None for a module that
+    qcompile did not prepare."""
+    return getattr(model, "qcompile_sites", None)
+
+
+def site_quantizers(model: nn.Module, *, unique: bool = True) -> list[SiteQuantizer]:
+    """Every quantizer of `model`, in site order; with `unique`, each once (a quantizer two
+    sites share is listed under the first), else once per site and role.
+
+    A prepared model's come from its sites; a module that qcompile did not prepare gets one
+    entry per `Quantizer` submodule, its role guessed from the attribute name
+    ("weight_quantizer" -> weight, else input). Calibrate, smooth, gptq, report and
+    checkpoints all read quantizers through this one function.
+    """
+    sites = model_sites(model)
+    if sites is None:
+        return [
+            SiteQuantizer(None, _role_from_path(path), path, module)
+            for path, module in model.named_modules() if isinstance(module, Quantizer)
+        ]
+    found: dict[object, SiteQuantizer] = {}
+    for site in sites:
+        for role, path in site.quantizers.items():
+            quantizer = model.get_submodule(path)
+            key = id(quantizer) if unique else (id(quantizer), site.name, role)
+            found.setdefault(key, SiteQuantizer(site, role, path, quantizer))
+    return list(found.values())
+
+
+def _role_from_path(path: str) -> str:
+    attribute = path.rsplit(".", 1)[-1]
+    return next((role for role in ROLES if role in attribute), "input")

@@ -9,10 +9,9 @@ It knows nothing of quantization.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
-
-import inspect
 
 import torch
 import torch.nn.functional as F

@@ -5,21 +5,22 @@
 (`save`, `load`) and FSDP2 sharding (`fully_shard`). See README.md for the tour.
 """
 
-from qcompile.calibrate import CalibrationWarning, calibrate
-from qcompile.checkpoint import CheckpointError, load, save
-from qcompile.distill import Distiller
-from qcompile.distributed import fully_shard
-from qcompile.fake_quant import fake_quantize
-from qcompile.formats import FORMATS, QuantFormat, get_format
-from qcompile.gptq import gptq
+from qcompile.algorithms.calibrate import CalibrationWarning, calibrate
+from qcompile.algorithms.gptq import gptq
+from qcompile.algorithms.smooth import smooth
+from qcompile.core.fake_quant import fake_quantize
+from qcompile.core.formats import FORMATS, QuantFormat, get_format
+from qcompile.core.quantizer import Quantizer, QuantSpec
 from qcompile.passes.capture import CaptureError
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
 from qcompile.prepare import PreparedModel, PrepareWarning, prepare
-from qcompile.quantizer import QuantSpec, Quantizer
 from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe
 from qcompile.report import Report, report
-from qcompile.smooth import smooth
-from qcompile.train import freeze, train
+from qcompile.training.checkpoint import CheckpointError, load, save
+from qcompile.training.distill import Distiller
+from qcompile.training.distributed import fully_shard
+from qcompile.training.train import freeze, train
+from qcompile.version import __version__ as __version__
 
 __all__ = [
     "FORMATS",
@@ -58,15 +59,14 @@ __all__ = [
     "run_engine",
     "QADTrainer",
 ]
-__version__ = "0.1.0"
 
 # Optional extras, imported on first use so that `import qcompile` needs neither onnx,
 # tensorrt nor transformers: name -> (module, attribute).
 _LAZY = {
-    "export_onnx": ("qcompile.backends.onnx", "export_onnx"),
-    "inspect_onnx": ("qcompile.backends.onnx_rules", "inspect_onnx"),
-    "build_engine": ("qcompile.backends.tensorrt", "build_engine"),
-    "run_engine": ("qcompile.backends.tensorrt", "run_engine"),
+    "export_onnx": ("qcompile.backends.onnx.export", "export_onnx"),
+    "inspect_onnx": ("qcompile.backends.onnx.rules", "inspect_onnx"),
+    "build_engine": ("qcompile.backends.tensorrt.engine", "build_engine"),
+    "run_engine": ("qcompile.backends.tensorrt.engine", "run_engine"),
     "QADTrainer": ("qcompile.hf", "QADTrainer"),
 }
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def _formats(args: argparse.Namespace) -> int:
-    from qcompile.formats import FORMATS
+    from qcompile.core.formats import FORMATS
 
     print(f"{'format':8} {'element':14} {'scale':16} {'block':>5}")
     for fmt in FORMATS.values():
@@ -20,7 +20,7 @@ def _formats(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from qcompile.backends.onnx_rules import inspect_onnx
+    from qcompile.backends.onnx.rules import inspect_onnx
 
     report = inspect_onnx(args.model)
     print(report.render())
@@ -45,14 +45,14 @@ def parse_shape(text: str) -> tuple[str, tuple[tuple[int, ...], ...]]:
 def _build(args: argparse.Namespace) -> int:
     import onnx
 
-    from qcompile.backends.onnx_rules import inspect_onnx
-    from qcompile.backends.tensorrt import (
+    from qcompile.backends.onnx.rules import inspect_onnx
+    from qcompile.backends.tensorrt.engine import (
         EngineBuildError,
         TensorRTNotInstalledError,
         build_engine,
         trtexec_command,
     )
-    from qcompile.backends.tensorrt_formats import UnsupportedGPUError
+    from qcompile.backends.tensorrt.formats import UnsupportedGPUError
 
     engine = args.output or str(Path(args.model).with_suffix(".engine"))
     shapes = dict(args.shape or [])
@@ -84,7 +84,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from qcompile.demo import run_demo
+    from qcompile.demo.run import run_demo
 
     run_demo(
         recipe=args.recipe,

@@ -19,18 +19,19 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from qcompile.checkpoint import check_state_dict
+from qcompile.core.quantizer import Quantizer
+from qcompile.input_check import InputSignature
+from qcompile.passes._fx import SDPA_OPS, is_target
 from qcompile.passes.attention import decompose_sdpa
 from qcompile.passes.canonicalize import canonicalize
-from qcompile.passes.capture import CaptureError, capture
+from qcompile.passes.capture import CaptureError, capture, site_operand_problem
 from qcompile.passes.devices import retarget_devices
-from qcompile.passes.inputs import InputSignature, site_operand_problem
 from qcompile.passes.insert import insert_quantizers
-from qcompile.passes.match import SDPA_OPS, assign_specs, find_sites, is_target
+from qcompile.passes.match import assign_specs, find_sites
 from qcompile.passes.sites import Site, SiteStatus
 from qcompile.passes.train_mode import bind_training_mode
-from qcompile.quantizer import Quantizer
 from qcompile.recipe import Recipe, get_recipe
+from qcompile.training.checkpoint import check_state_dict
 
 # GraphModule.__deepcopy__ keeps only the attributes listed under this key of `meta`.
 _PRESERVED = "_user_preserved_attributes"

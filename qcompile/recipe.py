@@ -5,19 +5,19 @@ A `Recipe` says, per site kind (Linear, activation-activation matmul, convolutio
 (`exclude` glob patterns on site names) and per-site overrides. The named recipes (`int8`,
 `fp8`, `nvfp4`, `mxfp4`, `mxfp8`, `int4`, `w4a8`) are plain instances in `RECIPES`.
 This module decides *what* to quantize; it knows nothing of graphs (passes apply it) or of
-numerics (the specs describe formats, `qcompile.quantizer` runs them).
+numerics (the specs describe formats, `qcompile.core.quantizer` runs them).
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qcompile.formats import get_format
+from qcompile.core.formats import get_format
+from qcompile.core.quantizer import QuantSpec
 from qcompile.passes.sites import SiteKind
-from qcompile.quantizer import QuantSpec
 
 #: Output heads stay in float unless an override names them.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
@@ -294,7 +294,7 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     def specs(site_specs: SiteSpecs | None) -> dict[str, Any] | None:
         if site_specs is None:
             return None
-        return {role: None if spec is None else asdict(spec)
+        return {role: None if spec is None else spec.to_dict()
                 for role, spec in (("weight", site_specs.weight), ("input", site_specs.input))}
 
     return {
@@ -315,7 +315,7 @@ def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
     def specs(value: Mapping[str, Any] | None) -> SiteSpecs | None:
         if value is None:
             return None
-        return SiteSpecs(**{role: None if spec is None else QuantSpec(**spec)
+        return SiteSpecs(**{role: None if spec is None else QuantSpec.from_dict(spec)
                             for role, spec in value.items()})
 
     return Recipe(

@@ -12,10 +12,9 @@ from dataclasses import asdict, dataclass, fields
 
 from torch import nn
 
-from qcompile.formats import get_format
-from qcompile.observers import Granularity, granularity
-from qcompile.passes.sites import ROLES, Site
-from qcompile.quantizer import Quantizer
+from qcompile.core.formats import get_format
+from qcompile.core.quantizer import Granularity, Quantizer
+from qcompile.passes.sites import model_sites, site_quantizers
 
 NONE = "-"
 
@@ -53,9 +52,9 @@ def describe_format(quantizer: Quantizer) -> str:
     """The format with its granularity ("int8 axis=0", "int4 block=128"); "(off)" if disabled."""
     spec = quantizer.spec
     text = spec.format
-    if granularity(spec) is Granularity.CHANNEL:
+    if spec.granularity is Granularity.CHANNEL:
         text += f" axis={spec.axis}"
-    elif granularity(spec) is Granularity.BLOCK:
+    elif spec.granularity is Granularity.BLOCK:
         text += f" block={get_format(spec.format).resolve_block_size(spec.block_size)}"
     return text if quantizer.enabled else f"{text} (off)"
 
@@ -87,30 +86,22 @@ def _row(name: str, kind: str, status: str, reason: str, by_role: dict[str, Quan
     )
 
 
-def _site_row(model: nn.Module, site: Site) -> SiteRow:
-    by_role = {role: model.get_submodule(path) for role, path in site.quantizers.items()}
-    return _row(site.name, site.kind.value, site.status.value, site.reason, by_role)
-
-
-def _role_from_path(path: str) -> str:
-    """A hand-built module's quantizer role, guessed from its attribute name ("input")."""
-    attribute = path.rsplit(".", 1)[-1]
-    return next((role for role in ROLES if role in attribute), "input")
-
-
 def report_rows(model: nn.Module) -> list[SiteRow]:
-    """One row per site of `model.qcompile_sites`, in order.
+    """One row per site of a prepared model, in order.
 
-    A module without `qcompile_sites` gets one row per `Quantizer` submodule, named by its
-    path, with its role guessed from the attribute name ("weight_quantizer" -> weight).
+    A module that qcompile did not prepare gets one row per `Quantizer` submodule, named by
+    its path, with its role guessed from the attribute name ("weight_quantizer" -> weight).
     """
-    sites = getattr(model, "qcompile_sites", None)
-    if sites is not None:
-        return [_site_row(model, site) for site in sites]
+    sites = model_sites(model)
+    entries = site_quantizers(model, unique=False)
+    if sites is None:
+        return [_row(e.path, NONE, "quantized", "", {e.role: e.quantizer}) for e in entries]
+    by_site: dict[str, dict[str, Quantizer]] = {site.name: {} for site in sites}
+    for entry in entries:
+        by_site[entry.site.name][entry.role] = entry.quantizer
     return [
-        _row(path, NONE, "quantized", "", {_role_from_path(path): module})
-        for path, module in model.named_modules()
-        if isinstance(module, Quantizer)
+        _row(site.name, site.kind.value, site.status.value, site.reason, by_site[site.name])
+        for site in sites
     ]
 
 

@@ -1,6 +1,6 @@
-"""Independent references for DESIGN.md's numerics contract, built without qcompile's code.
+"""Independent references for the numerics contract (README's numerics table), built without qcompile's code.
 
-Two references, each written from the contract and not from `qcompile.numerics`:
+Two references, each written from the contract and not from `qcompile.core.numerics`:
 
 - `ml_dtypes_fake_quantize`: numpy float32 arithmetic for the scales, and the casts of
   `ml_dtypes` (`int4`, `float8_e4m3fn`, `float4_e2m1fn`, `float8_e8m0fnu`; all round half to
@@ -12,8 +12,8 @@ Two references, each written from the contract and not from `qcompile.numerics`:
   `onnx_nvfp4_two_level` dequantizes the FLOAT8E4M3FN block scales by the fp32 global scale
   inside the model, the form exported to TensorRT.
 
-Dynamic amax ignores inf and NaN (as `qcompile.numerics.finite_abs` documents). The format
-table below is written out again on purpose rather than read from `qcompile.formats`.
+Dynamic amax ignores inf and NaN (as `qcompile.core.numerics.finite_abs` documents). The format
+table below is written out again on purpose rather than read from `qcompile.core.formats`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.cli import main
-from qcompile.formats import FORMATS
+from qcompile.core.formats import FORMATS
 
 
 def _qdq_matmul(zero_point: int = 0) -> onnx.ModelProto:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qcompile as qc
-from qcompile.formats import get_format
+from qcompile.core.formats import get_format
 from qcompile.passes.sites import SiteKind, SiteStatus
 
 EXTRA = int(os.environ.get("QCOMPILE_FUZZ_EXAMPLES", "0"))
@@ -178,7 +178,7 @@ def _run_onnx(path, recipe: str, x: torch.Tensor) -> np.ndarray:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(str(path), options)
         return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    from qcompile.backends.onnx_reference import reference_evaluator
+    from qcompile.backends.onnx.reference import reference_evaluator
 
     evaluator = reference_evaluator(path)
     return evaluator.run(None, {evaluator.input_names[0]: x.numpy()})[0]
@@ -198,7 +198,7 @@ def test_export_onnx_matches_the_prepared_model(recipe, tmp_path_factory):
 
 
 def _check_export(case: dict, path) -> None:
-    from qcompile.backends.onnx import export_onnx
+    from qcompile.backends.onnx.export import export_onnx
 
     _, prepared = _build(case)
     x = _data(case, batch=case["batch"] + 1, seed=5)  # the batch axis is dynamic

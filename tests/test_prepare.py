@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from qcompile.core.quantizer import Quantizer, QuantSpec
 from qcompile.passes.capture import CaptureError
 from qcompile.passes.sites import SiteKind, SiteStatus
 from qcompile.prepare import PreparedModel, prepare
-from qcompile.quantizer import QuantSpec, Quantizer
 from qcompile.recipe import Recipe, SiteSpecs
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
+from qcompile.core.quantizer import QuantSpec
 from qcompile.passes.sites import SiteKind
-from qcompile.quantizer import QuantSpec
 from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe
 
 

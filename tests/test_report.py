@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
+from qcompile.core.quantizer import Quantizer, QuantSpec
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
-from qcompile.quantizer import QuantSpec, Quantizer
 from qcompile.report import Report, SiteRow, format_report, report, report_rows
 
 

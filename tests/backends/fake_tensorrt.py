@@ -1,6 +1,6 @@
 """A stand-in for the `tensorrt` module (TensorRT 10 Python API), for tests without TensorRT.
 
-It implements the names `qcompile.backends.tensorrt` calls, with the enum values of the real
+It implements the names `qcompile.backends.tensorrt.engine` calls, with the enum values of the real
 bindings, records every call, and checks what TensorRT itself would refuse: a dynamic input
 without an optimization profile (or with a profile of the wrong rank or fixed sizes), and
 precision flags on a strongly typed network. Knobs: `parser_errors`, `build_errors`,

@@ -5,7 +5,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import qcompile as qc
-from qcompile.formats import FORMATS
+from qcompile.core.formats import FORMATS
 
 STATIC = {"int8": True, "int4": False, "fp8": True, "nvfp4": True, "mxfp4": False, "mxfp8": False}
 
@@ -138,7 +138,7 @@ def test_compiled_training_saves_no_bool_mask_for_backward_on_cpu(recipe):
     """Inductor's C++ backend stores bool tensors ~15x slower than float ones; the STE must
     hand the backward a float (x itself or its pass mask), never a bool mask. Attention is
     where a mask was saved: its quantized q, k and v are kept for the backward anyway."""
-    from qcompile import char_gpt
+    from qcompile.demo import char_gpt
 
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ class MLP(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Pre-norm causal self-attention with an MLP, as in `qcompile.char_gpt`."""
+    """Pre-norm causal self-attention with an MLP, as in `qcompile.demo.char_gpt`."""
 
     def __init__(self, width: int = 128, heads: int = 4) -> None:
         super().__init__()

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import qcompile as qc
-from qcompile.kernels import cpu
-from qcompile.quantizer import Quantizer
+from qcompile.core.kernels import cpu
+from qcompile.core.quantizer import Quantizer
 
 RECIPES = ["int8", "fp8", "nvfp4", "mxfp4", "mxfp8", "int4", "w4a8", "int8+learn_scales"]
 

@@ -19,9 +19,9 @@ import torch
 from onnx.reference import ReferenceEvaluator
 from torch import nn
 
-from qcompile.backends.onnx import OnnxExportError, export_onnx
-from qcompile.backends.onnx_rules import inspect_onnx
-from qcompile.quantizer import Quantizer, QuantSpec
+from qcompile.backends.onnx.export import OnnxExportError, export_onnx
+from qcompile.backends.onnx.rules import inspect_onnx
+from qcompile.core.quantizer import Quantizer, QuantSpec
 
 T = onnx.TensorProto
 #: format -> (weight spec, activation spec or None, quantize the activation-activation matmul)

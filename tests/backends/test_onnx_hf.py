@@ -13,9 +13,6 @@ is checked with the weight-only recipe (int4), where there is no activation roun
 
 from __future__ import annotations
 
-import os
-import time
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -23,8 +20,8 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.backends.onnx import export_onnx
-from qcompile.backends.onnx_reference import reference_evaluator
+from qcompile.backends.onnx.export import export_onnx
+from qcompile.backends.onnx.reference import reference_evaluator
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,7 +123,7 @@ def test_nvfp4_bert_in_onnx_reference_at_other_batch_and_length(tmp_path):
 
 
 def _minilm_available() -> bool:
-    from qcompile import minilm
+    from qcompile.demo import minilm
 
     try:
         minilm.model_dir()
@@ -138,7 +135,7 @@ def _minilm_available() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _minilm_available(), reason="MiniLM weights not installed")
 def test_minilm_int4_in_onnxruntime_at_other_batch_and_length(tmp_path):
-    from qcompile import corpus, minilm
+    from qcompile.demo import corpus, minilm
 
     model, tokenizer = minilm.load()
     texts = corpus.docstrings("val", limit=10)

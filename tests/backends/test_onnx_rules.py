@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
-from qcompile.backends.onnx_rules import RULES, inspect_onnx
+from qcompile.backends.onnx.rules import RULES, inspect_onnx
 
 W = np.arange(-6, 6, dtype=np.int8).reshape(4, 3)  # MatMul B: [K=4, N=3]
 

@@ -24,8 +24,8 @@ from torch import nn
 import qcompile as qc
 import qcompile.backends
 from qcompile.backends import tensorrt as trt_backend
-from qcompile.backends.onnx_rules import inspect_onnx
-from qcompile.backends.tensorrt import (
+from qcompile.backends.onnx.rules import inspect_onnx
+from qcompile.backends.tensorrt.engine import (
     EngineBuildError,
     TensorRTNotInstalledError,
     build_engine,
@@ -33,7 +33,7 @@ from qcompile.backends.tensorrt import (
     run_engine,
     trtexec_command,
 )
-from qcompile.backends.tensorrt_formats import (
+from qcompile.backends.tensorrt.formats import (
     UnsupportedGPUError,
     check_gpu_supports,
     formats_in_onnx,
@@ -296,9 +296,9 @@ def test_missing_tensorrt_says_how_to_install(no_trt, tmp_path):
 
 
 def test_importing_qcompile_needs_no_tensorrt(no_trt, monkeypatch):
-    monkeypatch.delitem(sys.modules, "qcompile.backends.tensorrt")
+    monkeypatch.delitem(sys.modules, "qcompile.backends.tensorrt.engine")
     monkeypatch.setattr(qcompile.backends, "tensorrt", trt_backend)  # restored after the test
-    module = importlib.import_module("qcompile.backends.tensorrt")  # a fresh import, no tensorrt
+    module = importlib.import_module("qcompile.backends.tensorrt.engine")  # a fresh import, no tensorrt
     assert qc.build_engine is module.build_engine and qc.run_engine is module.run_engine
     assert {"build_engine", "run_engine"} <= set(qc.__all__)
 

@@ -5,11 +5,11 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from qcompile.fake_quant import fake_quantize
+from qcompile.core.fake_quant import fake_quantize
+from qcompile.core.quantizer import Quantizer, QuantSpec
 from qcompile.passes.insert import insert_quantizers
 from qcompile.passes.match import assign_specs, find_sites
 from qcompile.passes.sites import SiteStatus
-from qcompile.quantizer import QuantSpec, Quantizer
 from qcompile.recipe import Recipe, SiteSpecs
 
 aten = torch.ops.aten

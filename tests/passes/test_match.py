@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qcompile.core.quantizer import QuantSpec
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.capture import capture
 from qcompile.passes.match import assign_specs, find_sites
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
-from qcompile.quantizer import QuantSpec
 from qcompile.recipe import RECIPES, Recipe, SiteSpecs
 
 aten = torch.ops.aten

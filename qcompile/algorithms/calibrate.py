@@ -1,0 +1,144 @@
+"""`qcompile.algorithms.calibrate`: post-training calibration of the static amax of a prepared model.
+
+This module owns the calibration run: finding the quantizers that need a static amax,
+attaching an observer to each, running the data through the model in eval mode without
+gradients, and installing the amax each observer computes, or, on any error, leaving the
+model as it was. The statistics live in `qcompile.algorithms.observers`, and their merging across the
+ranks of a distributed run in `qcompile.algorithms.data`; this module knows nothing of formats
+beyond `QuantSpec.needs_calibration`. Messages that are information, not errors, go
+through `warnings` as `CalibrationWarning`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+from torch import nn
+
+from qcompile.algorithms.data import (
+    CalibrationData,
+    CalibrationWarning,
+    check_data_reached,
+    eval_mode,
+    is_main_process,
+    merged_across_ranks,
+    parallel_wrapper,
+    run_data,
+)
+from qcompile.algorithms.observers import (
+    AmaxObserver,
+    check_percentile,
+    get_observer_class,
+)
+from qcompile.core.quantizer import Quantizer
+from qcompile.passes.sites import site_quantizers
+
+
+@contextmanager
+def _attached(observers: dict[Quantizer, AmaxObserver]) -> Iterator[None]:
+    """Observers attached for the duration; removed afterwards, also on error."""
+    for quantizer, observer in observers.items():
+        quantizer.observer = observer
+    try:
+        yield
+    finally:
+        for quantizer in observers:
+            quantizer.observer = None
+
+
+def _check_num_batches(num_batches: int | None) -> None:
+    if num_batches is None:
+        return
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches <= 0:
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+
+
+def calibrate(
+    model: nn.Module,
+    data: CalibrationData,
+    method: str = "max",
+    *,
+    percentile: float | None = None,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Calibrate the static amax of every enabled quantizer of `model` that needs one.
+
+    Args:
+        model: a prepared model (or any module holding `Quantizer` submodules).
+        data: an iterable of batches (a dict is passed as keyword arguments, a tuple or list
+            as positional arguments, anything else as the only argument), or a forward loop
+            `data(model)` that runs the model itself.
+        method: "max", "percentile", "mse" or "entropy" (see `qcompile.algorithms.observers`).
+        percentile: for method="percentile", in (0, 100]; default 99.99.
+        num_batches: stop after this many batches of an iterable (per rank).
+        progress: show a tqdm progress bar (on rank 0 only).
+
+    Runs in eval mode under `torch.no_grad()` and restores every module's train/eval mode.
+    On error no amax changes and no observer stays attached. Returns `model`.
+
+    Distributed (a `torch.distributed` process group of more than one rank is initialized):
+    call it on every rank, each with its own share of the data, before wrapping the model in
+    DDP/FSDP. The statistics are merged across ranks before the amax is computed, so every
+    rank installs the same amax, the one a single process would compute on all ranks' data:
+    exactly for max, percentile and entropy (the max, and histograms that merge exactly), and
+    for mse the max over ranks with each candidate's error summed over the ranks' samples.
+    If calibration fails on one rank, every rank raises.
+    """
+    observer_class = get_observer_class(method)
+    options = {}
+    if percentile is not None:
+        if method != "percentile":
+            raise ValueError(
+                f"percentile= applies to method='percentile', not {method!r}; drop it or "
+                "pass method='percentile'"
+            )
+        options["percentile"] = check_percentile(percentile)
+    _check_num_batches(num_batches)
+
+    quantizers = [(entry.label, entry.quantizer) for entry in site_quantizers(model)]
+    sites = getattr(model, "qcompile_sites", None)
+    if not quantizers and sites:
+        reasons = "; ".join(f"{s.name}: {s.status.value}, {s.reason}" for s in sites[:4])
+        raise ValueError(
+            f"the model has no quantizers to calibrate: none of its {len(sites)} sites is "
+            f"quantized ({reasons}{'; ...' if len(sites) > 4 else ''}); see qcompile.report"
+            "(model), and adjust the recipe (exclude, overrides, block_size)"
+        )
+    if not quantizers:
+        raise ValueError(
+            "the model has no quantizers to calibrate; prepare it first with "
+            "qcompile.prepare(model, recipe, example_inputs)"
+        )
+    targets = [(n, q) for n, q in quantizers if q.enabled and q.spec.needs_calibration]
+    if not targets:
+        formats = ", ".join(sorted({q.spec.format for _, q in quantizers if q.enabled}))
+        reason = f"{formats} use dynamic scales" if formats else "all quantizers are disabled"
+        warnings.warn(f"no calibration needed: {reason}", CalibrationWarning, stacklevel=2)
+        return model
+
+    wrapper = parallel_wrapper(model)
+    if wrapper and any(q.spec.learn_amax for _, q in targets):
+        raise ValueError(
+            f"calibrate the prepared model before wrapping it in {wrapper}: learned amax "
+            f"(learn_scales) become new parameters at calibration, which {wrapper} would "
+            "neither synchronize nor shard"
+        )
+    observers = {q: observer_class(q.spec, name, **options) for name, q in targets}
+    labelled = [(name, observers[q]) for name, q in targets]
+    with merged_across_ranks(labelled), eval_mode(model), _attached(observers):
+        run_data(model, data, num_batches, progress and is_main_process())
+
+    unobserved = [name for name, q in targets if observers[q].num_batches == 0]
+    check_data_reached(
+        unobserved, len(targets),
+        empty="calibration data is empty: no batch reached the quantizers",
+        partial="quantizers saw no calibration data and stay uncalibrated: {names}; make sure "
+                "the data exercises these sites",
+    )
+    amaxes = {q: obs.compute_amax() for q, obs in observers.items() if obs.num_batches}
+    for quantizer, amax in amaxes.items():
+        quantizer.set_amax(amax)
+    return model

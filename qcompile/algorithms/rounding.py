@@ -1,0 +1,182 @@
+"""Column-by-column rounding of a weight onto its quantization grid, as GPTQ needs it.
+
+GPTQ quantizes a weight one input column at a time and moves the rounding error into the
+columns not yet quantized, so the scales must be fixed before the columns they cover are
+rounded: per tensor or per output channel at the start, per block when the block's first
+column comes up (from the values as they are by then).
+
+qcompile stores a latent float weight that rounds to the GPTQ values, which the model's weight
+quantizer fake-quantizes again on every forward, with dynamic scales derived from that weight.
+For that second quantization to reproduce the rounded values, every dynamic scale must come
+out the same: the element that sets a scale's amax keeps the value it rounds to when the scale
+is fixed, and no other element of the scale's span may round past it (except E8M0 scales,
+which depend only on the exponent of the amax). For NVFP4 the tensor's largest element also
+keeps its value, which pins the global scale. A static (calibrated) amax fixes the scales by
+itself.
+
+This module owns that rule; `qcompile.algorithms.gptq` owns the algorithm and the model plumbing, and
+`qcompile.core.numerics` the arithmetic of each format.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.core import numerics
+from qcompile.core.fake_quant import canonical_amax
+from qcompile.core.formats import ScaleKind, get_format
+from qcompile.core.quantizer import QuantSpec
+
+
+class UnsupportedWeight(ValueError):
+    """The weight's quantization spec has no column-wise rounding here (the message says why)."""
+
+
+class ColumnRounder:
+    """Rounds the columns of one [out, in] weight in order, with scales fixed as GPTQ needs.
+
+    Call `start_group(column, values)` at every multiple of `group_size` with the current
+    values of the group's columns (block formats; a no-op otherwise), then `round(column, w)`
+    for each column in order. Or call `fix_all_groups(weight)` once: every block's scales from
+    the original weight ("static groups"), after which columns may come in any order.
+    """
+
+    def __init__(self, spec: QuantSpec, weight: torch.Tensor, amax: torch.Tensor | None) -> None:
+        fmt = get_format(spec.format)
+        self.fmt = fmt
+        self.element = fmt.element
+        self.block = fmt.resolve_block_size(spec.block_size)
+        rows, columns = weight.shape
+        self.group_size = self.block or columns
+        weight = weight.float()
+        static = None if spec.dynamic else amax.detach().float()
+        if spec.axis is not None and spec.axis % 2 != 0:
+            raise UnsupportedWeight(
+                f"per-input-channel scales (axis={spec.axis}) change along the columns GPTQ "
+                "walks; use per-output-channel (axis=0) or block scales"
+            )
+        self._static = static
+        self._global_amax: torch.Tensor | None = None
+        self._pin: tuple[int, int] | None = None  # (row, column) of the NVFP4 global amax
+        device = weight.device
+        self.force_column = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.force_value = torch.zeros(rows, device=device)
+        #: |rounded values| and |latent values| may not exceed these (per row, this group).
+        self.bound = torch.full((rows,), float("inf"), device=device)
+        self.latent_bound = self.bound
+        self.scale = torch.ones(rows, device=device)
+        self._groups: list[tuple[torch.Tensor, ...]] | None = None  # per block, once all are fixed
+        if self.block is None:
+            self._fix_whole_weight(weight, spec.axis)
+        elif fmt.scale is ScaleKind.E4M3_TWO_LEVEL:
+            if static is None:
+                magnitude = numerics.finite_abs(weight)
+                self._global_amax = magnitude.amax()
+                flat = int(magnitude.argmax())
+                self._pin = (flat // columns, flat % columns)
+            else:
+                self._global_amax = static.reshape(())
+        elif static is not None:
+            self._static = canonical_amax(weight, fmt, static, None, self.block)  # (rows, K/b, 1)
+
+    def _fix_whole_weight(self, weight: torch.Tensor, axis: int | None) -> None:
+        """Per-tensor or per-output-channel scales, fixed once from the original weight."""
+        rows = weight.shape[0]
+        if self._static is not None:
+            amax = canonical_amax(weight, self.fmt, self._static, axis, None)
+            self.scale = (amax / self.element.max_value).expand(rows, 1).reshape(rows).clone()
+            return
+        magnitude = numerics.finite_abs(weight)
+        if axis is None:
+            flat = int(magnitude.argmax())
+            row, column = flat // weight.shape[1], flat % weight.shape[1]
+            self.scale = (magnitude[row, column] / self.element.max_value).expand(rows).clone()
+            rows_index, columns = torch.tensor([[row], [column]], device=weight.device)
+            self._force(rows_index, columns, weight[row, column].reshape(1))
+            self.bound = self.latent_bound = self.force_value[row].abs().expand(rows).clone()
+            return
+        amax, columns = magnitude.max(dim=1)
+        self.scale = amax / self.element.max_value
+        rows_index = torch.arange(rows, device=weight.device)
+        self._force(rows_index, columns, weight[rows_index, columns])
+        self.bound = self.latent_bound = self.force_value.abs()
+
+    def _force(self, rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor) -> None:
+        """The elements at (rows, columns) keep what `values` round to with the current scale."""
+        self.force_column[rows] = columns
+        self.force_value[rows] = self._round_values(values, self.scale[rows])
+
+    def _round_values(self, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return numerics.round_to_element(values / divisor, self.element) * scale
+
+    def start_group(self, column: int, values: torch.Tensor) -> None:
+        """Fix the scales of the block starting at `column` from its current `values`."""
+        if self.block is None:
+            return
+        if column % self.block:
+            raise ValueError(f"a group starts at a multiple of {self.block}, not {column}")
+        rows = values.shape[0]
+        values = values.float()
+        if self._static is not None and self.fmt.scale is ScaleKind.FP32:
+            self.scale = (self._static[:, column // self.block, 0] / self.element.max_value).clone()
+            return
+        magnitude = numerics.finite_abs(values)
+        amax, offsets = magnitude.max(dim=1)
+        reference = values.gather(1, offsets[:, None]).squeeze(1)
+        if self._pin is not None and column <= self._pin[1] < column + self.block:
+            row, offset = self._pin[0], self._pin[1] - column
+            amax[row] = torch.maximum(amax[row], self._global_amax)
+            offsets[row] = offset
+            sign = 1.0 if float(values[row, offset]) >= 0 else -1.0
+            reference[row] = sign * self._global_amax
+        # A block's scale depends only on its amax: compute it from blocks of one element.
+        amax_blocks = amax.reshape(rows, 1, 1)
+        self.scale = numerics.compute_scales(amax_blocks, self._global_amax, self.fmt, 1).scale.reshape(rows)
+        self.force_column = column + offsets
+        self.force_value = self._round_values(reference, self.scale)
+        if self.fmt.scale is ScaleKind.E8M0:
+            # E8M0 scales depend on the amax's exponent only: any value keeps it below the
+            # next power of two (the forced element keeps it from falling).
+            limit = self.scale * 2.0 ** (self.element.max_exponent + 1)
+            self.latent_bound = torch.nextafter(limit, torch.zeros_like(limit))
+        else:
+            self.bound = self.latent_bound = self.force_value.abs()
+
+    def fix_all_groups(self, weight: torch.Tensor) -> None:
+        """Fix every block's scales now, from `weight` (the original): columns may then be
+        rounded in any order (GPTQ's act-order); no `start_group` calls."""
+        if self.block is None:
+            return
+        groups = []
+        for column in range(0, weight.shape[1], self.block):
+            self.start_group(column, weight[:, column : column + self.block])
+            groups.append((self.scale, self.force_column, self.force_value, self.bound,
+                           self.latent_bound))
+        self._groups = groups
+
+    def _select(self, column: int) -> None:
+        if self._groups is not None:
+            (self.scale, self.force_column, self.force_value, self.bound,
+             self.latent_bound) = self._groups[column // self.block]
+
+    def round(self, column: int, w: torch.Tensor) -> torch.Tensor:
+        """The quantized values of column `column` (current values `w`, one per row)."""
+        self._select(column)
+        q = self._round_values(w.float(), self.scale)
+        q = torch.maximum(torch.minimum(q, self.bound), -self.bound)
+        forced = self.force_column == column
+        return torch.where(forced, self.force_value, q)
+
+    def latent(self, column: int, original: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """A latent value per row that quantizes to `q` with this column's scales: the
+        original weight where it already does (within the scale's span), else `q` itself.
+
+        Keeping the original values keeps where each weight sits inside its rounding bin,
+        which later training (QAT/QAD) moves weights across; a weight on its grid point is
+        half a step from either neighbour.
+        """
+        self._select(column)
+        kept = torch.maximum(torch.minimum(original.float(), self.latent_bound), -self.latent_bound)
+        same = (self._round_values(kept, self.scale) == q) & (self.force_column != column)
+        return torch.where(same, kept, q)

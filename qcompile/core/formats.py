@@ -1,0 +1,143 @@
+"""The quantization formats, described once as data.
+
+This module owns *what* a format is: its element type (integer or small float), how its
+scale is derived (fp32 from amax, two-level E4M3 x fp32, or power-of-two E8M0) and its block
+size. It knows nothing of tensors or graphs; `qcompile.core.numerics` turns these descriptions into
+arithmetic, per *kind* of element and scale, so adding a format is one row of `FORMATS`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class ElementKind(enum.Enum):
+    INT = "int"
+    FLOAT = "float"
+
+
+@dataclass(frozen=True)
+class ElementType:
+    """The type each quantized value is stored in.
+
+    For integers the representable values are the integers in [qmin, qmax]. For small floats
+    (sign, `exponent_bits`, `mantissa_bits`, no inf) the values are the finite numbers of that
+    encoding; `min_exponent` is the exponent of the smallest normal number and `max_value` the
+    largest finite value, where quantization saturates.
+    """
+
+    name: str
+    kind: ElementKind
+    bits: int
+    max_value: float
+    min_value: float
+    mantissa_bits: int = 0
+    min_exponent: int = 0
+    max_exponent: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_value <= 0 or self.min_value >= 0:
+            raise ValueError(f"element {self.name}: range must straddle zero")
+
+
+INT8 = ElementType("int8", ElementKind.INT, 8, max_value=127.0, min_value=-128.0)
+INT4 = ElementType("int4", ElementKind.INT, 4, max_value=7.0, min_value=-8.0)
+E4M3 = ElementType(
+    "float8_e4m3fn", ElementKind.FLOAT, 8, max_value=448.0, min_value=-448.0,
+    mantissa_bits=3, min_exponent=-6, max_exponent=8,
+)
+E2M1 = ElementType(
+    "float4_e2m1fn", ElementKind.FLOAT, 4, max_value=6.0, min_value=-6.0,
+    mantissa_bits=1, min_exponent=0, max_exponent=2,
+)
+
+
+class ScaleKind(enum.Enum):
+    """How a scale is derived from an amax.
+
+    - FP32: `scale = amax / element.max_value`, one fp32 number per tensor, channel or block.
+    - E4M3_TWO_LEVEL: per block `e4m3((amax_block / element.max_value) / global_scale)` times
+      the fp32 `global_scale = amax / (element.max_value * 448)` (NVFP4).
+    - E8M0: per block `2 ** (floor(log2(amax_block)) - element.max_exponent)` (OCP MX).
+    """
+
+    FP32 = "fp32"
+    E4M3_TWO_LEVEL = "e4m3_two_level"
+    E8M0 = "e8m0"
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One quantization format: element type, scale kind and block size.
+
+    `block_size` is the default number of consecutive elements along the last axis that share
+    a scale (None: one scale per tensor or per channel). `fixed_block_size` marks formats whose
+    block size is part of their definition (NVFP4's 16, MX's 32).
+    `static_amax` says whether the format can use a calibrated amax: the global amax of NVFP4,
+    the tensor/channel/block amax of FP32-scaled formats; MX formats derive every scale from
+    the data itself.
+    """
+
+    name: str
+    element: ElementType
+    scale: ScaleKind
+    block_size: int | None = None
+    fixed_block_size: bool = False
+    static_amax: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scale is not ScaleKind.FP32 and self.block_size is None:
+            raise ValueError(f"format {self.name}: {self.scale.value} scales need a block size")
+        if self.block_size is not None and self.block_size <= 0:
+            raise ValueError(f"format {self.name}: block_size must be positive")
+
+    @property
+    def learnable_amax(self) -> bool:
+        """Whether an amax tensor may require grad (LSQ-style): only where scale = amax / max."""
+        return self.scale is ScaleKind.FP32
+
+    def resolve_block_size(self, block_size: int | None) -> int | None:
+        """The block size to use: the format's own unless a valid override is given."""
+        if block_size is None:
+            return self.block_size
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if self.fixed_block_size and block_size != self.block_size:
+            raise ValueError(
+                f"{self.name} is defined with blocks of {self.block_size}; "
+                f"block_size={block_size} is not {self.name}. Leave block_size unset."
+            )
+        return block_size
+
+
+FORMATS: dict[str, QuantFormat] = {
+    f.name: f
+    for f in (
+        QuantFormat("int8", INT8, ScaleKind.FP32),
+        QuantFormat("int4", INT4, ScaleKind.FP32, block_size=128),
+        QuantFormat("fp8", E4M3, ScaleKind.FP32),
+        QuantFormat("nvfp4", E2M1, ScaleKind.E4M3_TWO_LEVEL, block_size=16, fixed_block_size=True),
+        QuantFormat("mxfp4", E2M1, ScaleKind.E8M0, block_size=32, fixed_block_size=True,
+                    static_amax=False),
+        QuantFormat("mxfp8", E4M3, ScaleKind.E8M0, block_size=32, fixed_block_size=True,
+                    static_amax=False),
+    )
+}
+
+#: Largest finite value of the E4M3 block scales of NVFP4.
+E4M3_MAX = E4M3.max_value
+
+
+def get_format(fmt: str | QuantFormat) -> QuantFormat:
+    """Look a format up by name; an unknown name lists the valid ones."""
+    if isinstance(fmt, QuantFormat):
+        return fmt
+    if not isinstance(fmt, str):
+        raise TypeError(f"format must be a name such as 'int8', got {type(fmt).__name__}")
+    try:
+        return FORMATS[fmt.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown format {fmt!r}; valid formats: {', '.join(sorted(FORMATS))}"
+        ) from None

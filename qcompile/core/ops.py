@@ -1,0 +1,115 @@
+"""The `qcompile` custom ops: fake quantization and its straight-through backward.
+
+Three `torch.library` ops in the `qcompile` namespace, each with a fake (meta) kernel so
+torch.export and torch.compile trace through them without graph breaks:
+
+- `qcompile::fake_quantize(x, amax, format, block_size) -> Tensor`
+- `qcompile::fake_quantize_backward(grad, x, amax, format, block_size) -> Tensor` (STE)
+- `qcompile::fake_quantize_amax_backward(grad, x, amax, format, block_size) -> Tensor` (LSQ)
+
+`amax` is None for dynamic scales and otherwise broadcastable to x (or to its block view);
+`block_size` 0 means no blocks. The default kernel is `qcompile.core.kernels.cpu` (any device);
+CUDA tensors use the Triton kernels where triton is installed. This module knows nothing of
+graphs or modules; argument checking lives in `qcompile.core.fake_quant`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from qcompile.core.kernels import cpu
+
+_NAMESPACE = "qcompile"
+
+
+def block_or_none(block_size: int) -> int | None:
+    """The op's block_size argument (0: no blocks) as numerics takes it."""
+    return block_size if block_size > 0 else None
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::fake_quantize", mutates_args=())
+def fake_quantize(
+    x: torch.Tensor, amax: torch.Tensor | None, format: str, block_size: int
+) -> torch.Tensor:
+    return cpu.run("forward", format, block_or_none(block_size), x, amax).contiguous()
+
+
+def _contiguous_like(x: torch.Tensor) -> torch.Tensor:
+    """The output of every kernel: x's shape and dtype, contiguous whatever x's strides (the
+    compiled callers check the strides that the fake kernel promised)."""
+    return x.new_empty(x.shape)
+
+
+@fake_quantize.register_fake
+def _(x, amax, format, block_size):
+    return _contiguous_like(x)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::fake_quantize_backward", mutates_args=())
+def fake_quantize_backward(
+    grad: torch.Tensor, x: torch.Tensor, amax: torch.Tensor | None, format: str, block_size: int
+) -> torch.Tensor:
+    return cpu.run("backward", format, block_or_none(block_size), grad, x, amax).contiguous()
+
+
+@fake_quantize_backward.register_fake
+def _(grad, x, amax, format, block_size):
+    return _contiguous_like(grad)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::fake_quantize_amax_backward", mutates_args=())
+def fake_quantize_amax_backward(
+    grad: torch.Tensor, x: torch.Tensor, amax: torch.Tensor, format: str, block_size: int
+) -> torch.Tensor:
+    return cpu.run("amax_backward", format, block_or_none(block_size), grad, x, amax).contiguous()
+
+
+@fake_quantize_amax_backward.register_fake
+def _(grad, x, amax, format, block_size):
+    return _contiguous_like(amax)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, amax, format, block_size = inputs
+    ctx.save_for_backward(x, amax)
+    ctx.format = format
+    ctx.block_size = block_size
+
+
+def _backward(ctx, grad):
+    x, amax = ctx.saved_tensors
+    grad_x = grad_amax = None
+    if ctx.needs_input_grad[0]:
+        grad_x = fake_quantize_backward(grad, x, amax, ctx.format, ctx.block_size)
+    if amax is not None and ctx.needs_input_grad[1]:
+        grad_amax = fake_quantize_amax_backward(grad, x, amax, ctx.format, ctx.block_size)
+    return grad_x, grad_amax, None, None
+
+
+fake_quantize.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_kernel(name: str):
+    """A CUDA kernel that imports the Triton module on first use (keeps `import qcompile` light)."""
+
+    def kernel(*args):
+        from qcompile.core.kernels import triton_fake_quant
+
+        return getattr(triton_fake_quant, name)(*args)
+
+    kernel.__name__ = f"triton_{name}"
+    return kernel
+
+
+def _register_triton_kernels() -> bool:
+    """Use the Triton kernels for CUDA tensors where triton is installed."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    fake_quantize.register_kernel("cuda")(_triton_kernel("fake_quantize"))
+    fake_quantize_backward.register_kernel("cuda")(_triton_kernel("fake_quantize_backward"))
+    return True
+
+
+TRITON_REGISTERED = _register_triton_kernels()

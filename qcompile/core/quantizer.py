@@ -1,0 +1,221 @@
+"""The quantizer module: the state of one quantized tensor and the one op it calls.
+
+A `Quantizer` sits in front of one input of one site (a Linear's weight, a matmul's
+activation). It holds a `QuantSpec` (format, axis, block size, static or dynamic range), the
+calibrated `amax` buffer, an `enabled` flag and, when a calibration is running, an observer.
+It knows nothing of graphs (passes put it there) or of ONNX (backends read its state).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from qcompile.core.fake_quant import fake_quantize
+from qcompile.core.formats import ScaleKind, get_format
+
+
+class Granularity(enum.Enum):
+    """What one amax value covers."""
+
+    TENSOR = "tensor"
+    CHANNEL = "channel"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Args:
+        format: format name (int8, int4, fp8, nvfp4, mxfp4, mxfp8).
+        axis: per-channel amax along this axis (None: per tensor or per block).
+        block_size: override the format's block size (int4 only, or block-wise int8/fp8).
+        dynamic: amax is taken from each tensor as it arrives (weights, MX formats); otherwise
+            it is calibrated once and then static.
+        learn_amax: the static amax is an `nn.Parameter` trained with LSQ-style gradients.
+    """
+
+    format: str
+    axis: int | None = None
+    block_size: int | None = None
+    dynamic: bool = False
+    learn_amax: bool = False
+
+    def __post_init__(self) -> None:
+        fmt = get_format(self.format)
+        object.__setattr__(self, "format", fmt.name)
+        fmt.resolve_block_size(self.block_size)
+        if not fmt.static_amax and not self.dynamic:
+            object.__setattr__(self, "dynamic", True)  # MX scales are always dynamic
+        if self.learn_amax and not fmt.learnable_amax:
+            raise ValueError(
+                f"learn_amax is supported for int8, int4 and fp8, not {fmt.name} "
+                "(its scales are not amax / max)"
+            )
+        if self.learn_amax and self.dynamic:
+            raise ValueError("learn_amax needs a static amax; set dynamic=False")
+        if self.axis is not None and fmt.resolve_block_size(self.block_size) is not None:
+            raise ValueError(f"{fmt.name} uses blocks along the last axis; axis must be None")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return not self.dynamic
+
+    def with_(self, **changes) -> QuantSpec:
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        """Short text for tables and messages, e.g. "int8, axis=0, dynamic"."""
+        parts = [self.format]
+        if self.axis is not None:
+            parts.append(f"axis={self.axis}")
+        if self.block_size is not None:
+            parts.append(f"block_size={self.block_size}")
+        parts.append("dynamic" if self.dynamic else ("learned" if self.learn_amax else "static"))
+        return ", ".join(parts)
+
+    @property
+    def granularity(self) -> Granularity:
+        """What one amax value covers: per channel with an axis, per block for FP32-scaled
+        block formats, else per tensor (NVFP4's static amax is per tensor: its block scales
+        stay dynamic)."""
+        fmt = get_format(self.format)
+        if self.axis is not None:
+            return Granularity.CHANNEL
+        if fmt.scale is ScaleKind.FP32 and fmt.resolve_block_size(self.block_size) is not None:
+            return Granularity.BLOCK
+        return Granularity.TENSOR
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-ready data: the one serialisation of a spec (checkpoints,
+        recipes, Hugging Face configs); `QuantSpec.from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
+        """The spec `to_dict` described (validated as any spec is)."""
+        return cls(**data)
+
+
+class Observer(Protocol):
+    """Collects statistics of the tensors a quantizer sees during calibration."""
+
+    def observe(self, x: torch.Tensor) -> None: ...
+
+    def compute_amax(self) -> torch.Tensor: ...
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizes its input according to `spec`; its state lives in `state_dict()`.
+
+    - `amax`: the calibrated (static) range, an empty buffer until calibrated, or an
+      `nn.Parameter` when `spec.learn_amax`.
+    - `enabled`: when False the input passes through unchanged.
+    - `observer`: set by calibration; while set, inputs are observed and passed through.
+    - `pre_scale`: None, or a per-channel factor along the last axis applied before anything
+      else (SmoothQuant, `qcompile.algorithms.smooth`): the input quantizer of a Linear divides by s
+      and its weight quantizer multiplies by s, so the product is unchanged in float.
+
+    `state_dict()` holds `amax` (and `pre_scale` once set); the spec and the `enabled` flag travel in the state dict's
+    metadata (`state_dict._metadata[path]["qcompile"]`, kept by `torch.save`), so that
+    `load_state_dict` restores `enabled` and a prepared model can refuse a state dict saved
+    with other specs (see `qcompile.training.checkpoint`).
+    """
+
+    def __init__(self, spec: QuantSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.enabled = True
+        self.observer: Observer | None = None
+        self.register_buffer("amax", torch.empty(0))
+        self.register_buffer("pre_scale", None)
+        self.register_state_dict_post_hook(_record_spec)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.amax.numel() > 0
+
+    def set_amax(self, amax: torch.Tensor) -> None:
+        """Install a calibrated amax (a Parameter when the spec learns it)."""
+        amax = amax.detach().float().to(self.amax.device)
+        if self.spec.learn_amax:
+            if "amax" in self._buffers:
+                del self._buffers["amax"]
+            self.amax = nn.Parameter(amax)
+        else:
+            self.amax = amax
+
+    def reset_amax(self) -> None:
+        """Back to uncalibrated (an empty buffer, also where the amax was learned)."""
+        if "amax" in self._parameters:
+            del self._parameters["amax"]
+        self.register_buffer("amax", torch.empty(0, device=self.amax.device))
+
+    def set_pre_scale(self, pre_scale: torch.Tensor | None) -> None:
+        """Install (or, with None, remove) the per-channel factor along the last axis."""
+        if pre_scale is not None:
+            pre_scale = pre_scale.detach().float().reshape(-1).to(self.amax.device)
+        self.pre_scale = pre_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_scale is not None:
+            x = x * self.pre_scale.to(x.dtype)
+        if self.observer is not None:
+            self.observer.observe(x.detach())
+            return x
+        if not self.enabled:
+            return x
+        amax = None
+        if not self.spec.dynamic:
+            if not self.calibrated:
+                raise RuntimeError(
+                    f"quantizer ({self.spec.format}, static amax) is not calibrated; run "
+                    "qcompile.calibrate(model, data) first, or use a recipe with dynamic scales"
+                )
+            amax = self.amax
+        return fake_quantize(
+            x, self.spec.format, amax=amax, axis=self.spec.axis, block_size=self.spec.block_size
+        )
+
+    def _apply(self, fn, recurse=True):
+        # `.half()` / `.to(torch.bfloat16)` on the model must not round the range: amax and
+        # pre_scale (so every scale) stay float32, as the numerics contract has it; devices move.
+        before = {name: getattr(self, name) for name in ("amax", "pre_scale")}
+        before = {name: t.data for name, t in before.items() if t is not None}
+        result = super()._apply(fn, recurse)
+        for name, data in before.items():
+            now = getattr(self, name)
+            if now.dtype != data.dtype and data.dtype == torch.float32:
+                now.data = data.to(now.device)
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        # A calibrated amax may be loaded into a fresh (uncalibrated) quantizer.
+        key = prefix + "amax"
+        if key in state_dict and state_dict[key].shape != self.amax.shape:
+            self.set_amax(state_dict[key])
+        key = prefix + "pre_scale"
+        if key in state_dict and self.pre_scale is None:
+            self.set_pre_scale(state_dict[key])
+        saved = (local_metadata or {}).get(METADATA_KEY)
+        if saved is not None:
+            self.enabled = bool(saved["enabled"])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        smoothed = ", smoothed" if self.pre_scale is not None else ""
+        return self.spec.describe() + smoothed + ("" if self.enabled else ", disabled")
+
+
+#: Key of a quantizer's entry in its state-dict metadata: {"spec": {...}, "enabled": bool}.
+METADATA_KEY = "qcompile"
+
+
+def _record_spec(module: Quantizer, state_dict, prefix: str, local_metadata: dict) -> None:
+    local_metadata[METADATA_KEY] = {"spec": module.spec.to_dict(), "enabled": module.enabled}

