@@ -7,14 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcompile.algorithms.calibrate import (
-    CalibrationWarning,
-    _check_data_reached,
-    calibrate,
-    named_quantizers,
-)
+from qcompile.algorithms.calibrate import CalibrationWarning, calibrate
+from qcompile.algorithms.data import check_data_reached
 from qcompile.core.quantizer import Quantizer, QuantSpec
-from qcompile.passes.sites import Site, SiteKind
+from qcompile.passes.sites import Site, SiteKind, site_quantizers
 
 INPUT = QuantSpec("int8")
 WEIGHT = QuantSpec("int8", axis=0, dynamic=True)
@@ -69,7 +65,7 @@ def test_iterable_of_tensors_calibrates_every_static_quantizer():
     assert model.fc1.input_quantizer.amax.item() == max_abs(data)
     assert model.fc2.input_quantizer.amax.item() > 0
     assert not model.fc1.weight_quantizer.calibrated  # dynamic: left alone
-    assert all(q.observer is None for _, q in named_quantizers(model))
+    assert all(q.observer is None for q in _quantizers(model))
 
 
 def test_tuples_are_positional_and_dicts_keyword_arguments():
@@ -137,7 +133,7 @@ def test_nan_names_the_site_and_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match=r"fc1 \(input\) contains NaN; clean the calibration data"):
         calibrate(model, [batches()[1] * 10, bad], progress=False)
     assert torch.equal(model.fc1.input_quantizer.amax, before)
-    assert all(q.observer is None for _, q in named_quantizers(model))
+    assert all(q.observer is None for q in _quantizers(model))
     assert model.training and not model.drop.training
 
 
@@ -217,11 +213,15 @@ def test_no_warning_on_a_normal_run():
 
 def test_sites_without_data_are_named_in_a_warning_at_the_users_call():
     def public_entry_point():  # stands for qc.calibrate / qc.smooth
-        _check_data_reached(["fc2 (input)"], 3, empty="data is empty",
+        check_data_reached(["fc2 (input)"], 3, empty="data is empty",
                             partial="sites saw no data: {names}")
 
     with pytest.warns(CalibrationWarning, match=r"^1 sites saw no data: fc2 \(input\)$") as record:
         public_entry_point()
     assert record[0].filename == __file__
     with pytest.raises(ValueError, match="data is empty; pass a non-empty iterable"):
-        _check_data_reached(["a", "b"], 2, empty="data is empty", partial="{names}")
+        check_data_reached(["a", "b"], 2, empty="data is empty", partial="{names}")
+
+
+def _quantizers(model: nn.Module) -> list[Quantizer]:
+    return [entry.quantizer for entry in site_quantizers(model)]
