@@ -324,6 +324,9 @@ class _Variant:
     forward: Callable | None = None
     graph: fx.Graph | None = None
 
+    def __deepcopy__(self, memo):  # never changed once made; copies drop captured ones
+        return self
+
 
 @dataclass
 class BlockInfo:
@@ -542,11 +545,12 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _check_loaded(module, state_dict, prefix, local_metadata, strict, *_: Any) -> None:
-    """Load-state-dict pre-hook of a block-wise prepared model: refuse a state dict that does
-    not fit (other specs, keys, shapes) before anything is loaded."""
+def _check_loaded(module, state_dict, prefix, *_: Any) -> None:
+    """Load-state-dict pre-hook of a block-wise prepared model: refuse a state dict saved with
+    other quantizer specs or holding other shapes before anything is loaded (torch itself
+    then reports missing and unexpected keys, as `strict` asks)."""
     if not prefix:
-        check_state_dict(module, state_dict, strict=strict)
+        check_state_dict(module, state_dict, strict=False)
 
 
 def _prepare_blockwise(

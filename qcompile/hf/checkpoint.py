@@ -40,7 +40,7 @@ from torch import nn
 
 from qcompile.core.quantizer import Quantizer
 from qcompile.input_check import TensorSpec
-from qcompile.passes.sites import SiteStatus
+from qcompile.passes.sites import SiteStatus, model_sites
 from qcompile.prepare import PreparedModel, prepare
 from qcompile.recipe import recipe_from_dict, recipe_to_dict
 from qcompile.version import __version__
@@ -49,12 +49,15 @@ CONFIG_NAME = "quantization_config.json"
 QUANT_METHOD = "qcompile"
 
 
-def _unwrap(qmodel: nn.Module, config) -> tuple[PreparedModel, Any, Any, bool]:
-    """(prepared graph, config, generation config, is a causal LM) of what is saved."""
+def _unwrap(qmodel: nn.Module, config) -> tuple[nn.Module, Any, Any, bool]:
+    """(prepared model, config, generation config, is a QuantizedCausalLM) of what is saved."""
     if isinstance(qmodel, transformers.PreTrainedModel) and isinstance(
         getattr(qmodel, "prepared", None), PreparedModel
     ):  # a QuantizedCausalLM
         return qmodel.prepared, qmodel.config, qmodel.generation_config, True
+    if getattr(qmodel, "qcompile_blocks", None) is not None:  # prepared block by block
+        return (qmodel, config if config is not None else getattr(qmodel, "config", None),
+                getattr(qmodel, "generation_config", None), False)
     if not isinstance(qmodel, PreparedModel):
         raise TypeError(
             f"save_quantized takes a model from qcompile.prepare or "
@@ -106,8 +109,9 @@ def _tensors(prepared: PreparedModel) -> tuple[dict[str, torch.Tensor], dict[str
     return stored, tied, buffers
 
 
-def quantization_config(prepared: PreparedModel) -> dict[str, Any]:
+def quantization_config(prepared: nn.Module) -> dict[str, Any]:
     """The `quantization_config` entry of a checkpoint, without the file-level fields."""
+    all_sites = model_sites(prepared)
     sites = {
         site.name: {
             "kind": site.kind.value,
@@ -115,7 +119,7 @@ def quantization_config(prepared: PreparedModel) -> dict[str, Any]:
             "reason": site.reason,
             "formats": {role: spec.to_dict() for role, spec in site.specs.items()},
         }
-        for site in prepared.qcompile_sites
+        for site in all_sites
     }
     dtype = next((p.dtype for p in prepared.parameters() if p.is_floating_point()), None)
     return {
@@ -123,9 +127,9 @@ def quantization_config(prepared: PreparedModel) -> dict[str, Any]:
         "version": __version__,
         "recipe": recipe_to_dict(prepared.qcompile_recipe),
         "sites": sites,
-        "excluded": [s.name for s in prepared.qcompile_sites if s.status is SiteStatus.EXCLUDED],
-        "unsupported": [s.name for s in prepared.qcompile_sites
-                        if s.status is SiteStatus.UNSUPPORTED],
+        "excluded": [s.name for s in all_sites if s.status is SiteStatus.EXCLUDED],
+        "unsupported": [s.name for s in all_sites if s.status is SiteStatus.UNSUPPORTED],
+        "blocks": getattr(prepared, "qcompile_blocks", None),
         "example_inputs": _example_inputs(prepared),
         "dynamic": prepared.qcompile_inputs.dynamic,
         "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
@@ -254,8 +258,8 @@ def read_checkpoint(
         model = model_class._from_config(config, **options).eval()
     prepared = prepare(model, recipe_from_dict(entry["recipe"]),
                        example_kwargs=_example_kwargs(entry, torch.device("meta")),
-                       dynamic=entry["dynamic"])
-    rebuilt = [s.name for s in prepared.qcompile_sites]
+                       dynamic=entry["dynamic"], blocks=entry.get("blocks"))
+    rebuilt = [s.name for s in model_sites(prepared)]
     if sorted(rebuilt) != sorted(entry["sites"]):
         differ = sorted(set(rebuilt) ^ set(entry["sites"]))[:4]
         raise ValueError(
