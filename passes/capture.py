@@ -190,6 +190,13 @@ def _explain(model: torch.nn.Module, args: tuple, kwargs: dict, error: Exception
             "forward(), or prepare only the submodules without it "
             "(qcompile.prepare(model.encoder, ...))."
         )
+    if "Cache" in str(error) and "use_cache" in inspect.signature(model.forward).parameters:
+        return CaptureError(
+            f"cannot capture {name} as one graph: its output holds a KV cache object "
+            f"({_first_line(error)}). Prepare it block by block (qcompile.prepare(model, "
+            "recipe, example_kwargs=..., blocks='auto'), which keeps the cache), or without "
+            "the cache: example_kwargs={..., 'use_cache': False}."
+        )
     return CaptureError(
         f"cannot capture {name}: torch.export cannot trace a construct{_where(error)}: "
         f"{type(error).__name__}: {_first_line(error)}. Rewrite it with torch operations, or "

@@ -87,13 +87,15 @@ def prepared_graphs(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
 def model_sites(model: nn.Module) -> list[Site] | None:
     """The sites `prepare` found in `model` (quantized or not), or None for a module that
     holds no prepared part. A block-wise prepared model's sites are gathered from its blocks,
-    named by their path in `model` (`model.layers.3.mlp.down_proj`)."""
+    named by their path in `model` (`model.layers.3.mlp.down_proj`), followed by the float
+    Linear layers outside the blocks (`qcompile_outside`)."""
     graphs = prepared_graphs(model)
     if not graphs:
         return None
     if graphs[0][0] == "":
         return graphs[0][1].qcompile_sites
-    return [prefixed(site, path) for path, block in graphs for site in block.qcompile_sites]
+    sites = [prefixed(site, path) for path, block in graphs for site in block.qcompile_sites]
+    return sites + list(getattr(model, "qcompile_outside", ()))
 
 
 def prefixed(site: Site, prefix: str) -> Site:

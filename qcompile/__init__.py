@@ -13,7 +13,8 @@ from qcompile.core.formats import FORMATS, QuantFormat, get_format
 from qcompile.core.quantizer import Quantizer, QuantSpec
 from qcompile.passes.capture import CaptureError
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
-from qcompile.prepare import PreparedModel, PrepareWarning, prepare
+from qcompile.blocks import BlockError
+from qcompile.prepare import PreparedBlock, PreparedModel, PrepareWarning, prepare
 from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe
 from qcompile.report import Report, report
 from qcompile.training.checkpoint import CheckpointError, load, save
@@ -25,9 +26,11 @@ from qcompile.version import __version__ as __version__
 __all__ = [
     "FORMATS",
     "RECIPES",
+    "BlockError",
     "CalibrationWarning",
     "CaptureError",
     "CheckpointError",
+    "PreparedBlock",
     "PreparedModel",
     "PrepareWarning",
     "Recipe",

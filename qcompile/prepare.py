@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import fnmatch
 import inspect
 import types
 import warnings
@@ -51,7 +50,7 @@ from qcompile.passes.capture import CaptureError, capture, site_operand_problem
 from qcompile.passes.devices import retarget_devices
 from qcompile.passes.insert import insert_quantizers
 from qcompile.passes.match import assign_specs, find_sites
-from qcompile.passes.sites import Site, SiteStatus, model_sites
+from qcompile.passes.sites import Site, SiteKind, SiteStatus, model_sites
 from qcompile.passes.train_mode import bind_training_mode
 from qcompile.recipe import Recipe, get_recipe
 from qcompile.training.checkpoint import check_state_dict
@@ -384,6 +383,12 @@ class PreparedBlock(PreparedModel):
         key = (name, call_key(args, kwargs, past))
         variant = info.variants.get(key)
         if variant is None:
+            if torch.compiler.is_compiling():
+                raise BlockError(
+                    f"block {info.path} has no graph for this call structure yet, and none can "
+                    "be captured while torch.export / torch.compile trace the model: call the "
+                    "model once eagerly with the same arguments (e.g. use_cache=False) first"
+                )
             variant = self._capture_variant(key, args, kwargs, past, name)
         run = variant.forward or type(self).graph_forward
         flat = run(self, *pytree.tree_leaves((args, kwargs, past)))
@@ -601,20 +606,36 @@ def _prepare_blockwise(
     root.qcompile_model_class = type(model).__name__
     root.qcompile_inputs = InputSignature.record(model, args, kwargs, dynamic)
     root.qcompile_blocks = paths
+    root.qcompile_outside = _outside_sites(root, paths, recipe)
     root.register_load_state_dict_pre_hook(_check_loaded)
     sites = model_sites(root)
     _warn_unmatched(recipe, sites)
-    _warn_float_outside(root, paths, recipe)
+    _warn_float_outside(root.qcompile_outside)
     _warn_nothing_quantized(model, sites)
     return root
 
 
-def _warn_float_outside(root: nn.Module, paths: list[str], recipe: Recipe) -> None:
-    left = [
+#: Why a Linear outside the blocks is float, where the recipe would quantize it.
+OUTSIDE_BLOCKS = "outside the prepared blocks (prepare with blocks=None to quantize it)"
+
+
+def _outside_sites(root: nn.Module, paths: list[str], recipe: Recipe) -> list[Site]:
+    """The Linear layers outside the blocks, as float sites: the recipe's reason (output
+    head, excluded) where it leaves them float, else `OUTSIDE_BLOCKS`."""
+    names = [
         name for name, module in root.named_modules()
         if isinstance(module, nn.Linear) and not any(name.startswith(f"{p}.") for p in paths)
-        and not any(fnmatch.fnmatchcase(name, pattern) for pattern in recipe.exclude)
     ]
+    sites = assign_specs([Site(name, SiteKind.LINEAR, "") for name in names], recipe)
+    return [
+        replace(site, specs={}, status=SiteStatus.EXCLUDED, reason=OUTSIDE_BLOCKS)
+        if site.status is SiteStatus.QUANTIZED else site
+        for site in sites
+    ]
+
+
+def _warn_float_outside(sites: list[Site]) -> None:
+    left = [site.name for site in sites if site.reason == OUTSIDE_BLOCKS]
     if left:
         warnings.warn(
             f"Linear layers outside the prepared blocks stay float: {', '.join(left[:6])}"
