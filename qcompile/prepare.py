@@ -411,7 +411,9 @@ class PreparedBlock(PreparedModel):
             lambda x: torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x,
             (args, kwargs, past),
         )
-        gm, out_spec = _capture_block(info.template, *meta, cache_name, info.dynamic)
+        # own saved-tensor hooks: an activation checkpoint's must not count the capture's
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            gm, out_spec = _capture_block(info.template, *meta, cache_name, info.dynamic)
         sites = quantize_graph(gm, info.recipe, type(info.template).__name__, info.path)
         bind_training_mode(gm)
         retarget_devices(gm, torch.device("meta"), _device(self) or torch.device("cpu"))
