@@ -499,18 +499,24 @@ def _capture_block(
     return gm, out_spec
 
 
-def _graph_for(block: nn.Module, template: fx.GraphModule) -> fx.GraphModule:
-    """A copy of `template`'s graph reading `block`'s parameters and buffers (constants the
-    graph made come from `template`)."""
+def _graph_for(
+    block: nn.Module, template: fx.GraphModule, copy_modules: bool = False
+) -> fx.GraphModule:
+    """A copy of `template`'s graph reading `block`'s parameters and buffers; the rest
+    (constants the graph made, and with `copy_modules` copies of its quantizers and
+    training switches) comes from `template`."""
     graph = fx.Graph()
     output = graph.graph_copy(template.graph, {})
     graph.output(output)
+    graph._codegen = copy.deepcopy(template.graph._codegen)
     own = {n for n, _ in block.named_parameters()} | {n for n, _ in block.named_buffers()}
     root = nn.Module()
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
-            source = block if node.target in own else template
-            _put(root, node.target, _attribute(source, node.target))
+            value = _attribute(block if node.target in own else template, node.target)
+            if copy_modules and isinstance(value, nn.Module):
+                value = copy.deepcopy(value)
+            _put(root, node.target, value)
     gm = fx.GraphModule(root, graph)
     for name, _ in block.named_buffers():  # GraphModule registers every buffer as persistent
         owner, _, leaf = name.rpartition(".")
@@ -518,6 +524,16 @@ def _graph_for(block: nn.Module, template: fx.GraphModule) -> fx.GraphModule:
         if leaf in _non_persistent(block, name):
             module._non_persistent_buffers_set.add(leaf)
     return gm
+
+
+def _same_specs(sites: list[Site], path: str, other: str, recipe: Recipe) -> bool:
+    """Whether the recipe gives the sites of the block at `other` what it gave `path`'s
+    (its exclude and override patterns may name blocks)."""
+    raw = [replace(s, status=SiteStatus.QUANTIZED, reason="", specs={}, quantizers={})
+           for s in sites]
+    mine, theirs = _assign(raw, recipe, path), _assign(raw, recipe, other)
+    return all((a.status, a.specs, a.reason) == (b.status, b.specs, b.reason)
+               for a, b in zip(mine, theirs))
 
 
 def _non_persistent(block: nn.Module, name: str) -> set[str]:
@@ -577,31 +593,40 @@ def _prepare_blockwise(
     if blocks == "auto" and not any(cache_argument(kw) for _, kw, _ in calls.values()):
         return None
     root = copy.deepcopy(model)
-    templates: dict[tuple, tuple[fx.GraphModule, Any]] = {}
+    captured: dict[tuple, tuple[fx.GraphModule, Any]] = {}
+    quantized: dict[tuple, tuple[str, PreparedBlock, nn.Module]] = {}
     for path in paths:
         block = root.get_submodule(path)
         block_args, block_kwargs, past = calls[path]
         name = cache_argument(block_kwargs)
         graph_kwargs = {k: v for k, v in block_kwargs.items() if k != name}
         key = (name, call_key(block_args, graph_kwargs, past))
-        if (type(block), key) not in templates:
-            templates[type(block), key] = _capture_block(
+        if (type(block), key) not in captured:
+            captured[type(block), key] = _capture_block(
                 block, block_args, graph_kwargs, past, name, dynamic)
-        template, out_spec = templates[type(block), key]
-        gm = _graph_for(block, template)
-        sites = quantize_graph(gm, recipe, type(block).__name__, path)
-        bind_training_mode(gm)
+        template, out_spec = captured[type(block), key]
+        first = quantized.get((type(block), key))
+        if first is not None and _same_specs(first[1].qcompile_sites, first[0], path, recipe):
+            # the graph of the first such block, with this block's weights and own quantizers
+            gm, sites, meta = _graph_for(block, first[1], copy_modules=True), \
+                first[1].qcompile_sites, first[2]
+        else:
+            gm = _graph_for(block, template)
+            sites = quantize_graph(gm, recipe, type(block).__name__, path)
+            bind_training_mode(gm)
+            meta = _meta_copy(block)
         inputs = InputSignature.record(block, block_args, graph_kwargs, dynamic)
         inputs.check_constants = False
         inputs.names = tuple(
             n for n, p in inspect.signature(block.forward).parameters.items()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
         prepared = _as_prepared(gm, sites, recipe, inputs, type(block).__name__, PreparedBlock)
-        info = BlockInfo(path, layer_index(block, path), _meta_copy(block), recipe, dynamic,
+        info = BlockInfo(path, layer_index(block, path), meta, recipe, dynamic,
                          {key: _Variant(out_spec)})
         prepared.meta[_PRESERVED]["qcompile_block"] = info
         prepared.qcompile_block = info
         prepared.train(block.training)
+        quantized.setdefault((type(block), key), (path, prepared, meta))
         owner, _, leaf = path.rpartition(".")
         (root.get_submodule(owner) if owner else root).add_module(leaf, prepared)
     root.qcompile_recipe = recipe
