@@ -3,6 +3,7 @@ with the KV cache of Hugging Face decoders; everything downstream reads it like 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -157,3 +158,14 @@ def test_bad_blocks_and_inputs_say_what_to_do(llama, blockwise):
     with pytest.raises(ValueError, match="float64"):
         blockwise.model.layers[0](torch.randn(2, 8, 32, dtype=torch.float64),
                                   position_embeddings=(torch.ones(1, 8, 8),) * 2)
+
+
+def test_regional_compilation_of_each_block_computes_the_same(llama, blockwise):
+    qmodel = copy.deepcopy(blockwise)
+    ids = _ids(batch=2, length=8, seed=13)
+    with torch.no_grad():
+        expected = qmodel(input_ids=ids).logits
+        for layer in qmodel.model.layers:
+            layer.compile(backend="qcompile")
+        got = qmodel(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
