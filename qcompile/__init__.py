@@ -8,12 +8,12 @@
 from qcompile.algorithms.calibrate import CalibrationWarning, calibrate
 from qcompile.algorithms.gptq import gptq
 from qcompile.algorithms.smooth import smooth
+from qcompile.blocks import BlockError
 from qcompile.core.fake_quant import fake_quantize
 from qcompile.core.formats import FORMATS, QuantFormat, get_format
 from qcompile.core.quantizer import Quantizer, QuantSpec
 from qcompile.passes.capture import CaptureError
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
-from qcompile.blocks import BlockError
 from qcompile.prepare import PreparedBlock, PreparedModel, PrepareWarning, prepare
 from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe
 from qcompile.report import Report, report
@@ -30,37 +30,37 @@ __all__ = [
     "CalibrationWarning",
     "CaptureError",
     "CheckpointError",
+    "Distiller",
+    "PrepareWarning",
     "PreparedBlock",
     "PreparedModel",
-    "PrepareWarning",
+    "QADTrainer",
+    "QuantFormat",
+    "QuantSpec",
+    "Quantizer",
     "Recipe",
+    "Report",
     "Site",
     "SiteKind",
     "SiteSpecs",
     "SiteStatus",
-    "Distiller",
-    "QuantFormat",
-    "QuantSpec",
-    "Quantizer",
-    "Report",
+    "build_engine",
     "calibrate",
+    "export_onnx",
     "fake_quantize",
     "freeze",
     "fully_shard",
     "get_format",
     "get_recipe",
     "gptq",
+    "inspect_onnx",
     "load",
     "prepare",
     "report",
+    "run_engine",
     "save",
     "smooth",
     "train",
-    "export_onnx",
-    "inspect_onnx",
-    "build_engine",
-    "run_engine",
-    "QADTrainer",
 ]
 
 # Optional extras, imported on first use so that `import qcompile` needs neither onnx,

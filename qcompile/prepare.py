@@ -36,7 +36,6 @@ from qcompile.blocks import (
     cache_argument,
     call_key,
     find_blocks,
-    is_cache,
     layer_index,
     read_past,
     record_calls,
@@ -452,7 +451,8 @@ class PreparedBlock(PreparedModel):
             node.target = name
         code = gm.graph.python_code("self")
         namespace = dict(code.globals)
-        exec(compile(code.src, f"<qcompile {info.path} variant {index}>", "exec"), namespace)
+        source = compile(code.src, f"<qcompile {info.path} variant {index}>", "exec")
+        exec(source, namespace)  # noqa: S102 - FX's own generated code, as GraphModule does
         variant = _Variant(out_spec, namespace["forward"], gm.graph)
         info.variants[key] = variant
         return variant

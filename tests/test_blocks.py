@@ -17,8 +17,8 @@ from qcompile.prepare import PreparedBlock, PreparedModel
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 
 
 def _llama(**options) -> torch.nn.Module:
@@ -111,8 +111,8 @@ def test_generate_with_the_kv_cache_gives_the_tokens_without_it(family, recipe):
     qc.calibrate(qmodel, [{"input_ids": _ids(seed=s)} for s in range(2)], progress=False)
     qmodel.eval()
     prompt = _ids(batch=2, length=6, seed=3)
-    options = dict(max_new_tokens=10, do_sample=False, pad_token_id=0,
-                   attention_mask=torch.ones_like(prompt))
+    options = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0,
+               "attention_mask": torch.ones_like(prompt)}
     with torch.no_grad():
         cached = qmodel.generate(prompt, **options)
         uncached = qmodel.generate(prompt, use_cache=False, **options)
