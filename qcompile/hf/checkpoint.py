@@ -8,7 +8,8 @@ A directory written by `save_quantized(qmodel, directory)` holds:
 - `quantization_config.json`: the same entry on its own:
   `quant_method` ("qcompile"), `version`, `recipe` (`qcompile.recipe.recipe_to_dict`),
   `sites` (name -> kind, status, reason, and per role the `QuantSpec` of its quantizer),
-  `excluded` / `unsupported` (site names left in float), `example_inputs` (name ->
+  `excluded` / `unsupported` (site names left in float), `blocks` (the paths of the blocks
+  of a block-wise prepared model, null for one graph), `example_inputs` (name ->
   dtype and shape of a tensor, or a constant `value`), `dynamic`, `dtype` (of the weights),
   `attn_implementation`, `architecture` (the transformers class), `causal_lm` (whether to
   wrap it in `QuantizedCausalLM`), `weights` (the file name), `tied` (alias -> saved name of
@@ -22,8 +23,8 @@ A directory written by `save_quantized(qmodel, directory)` holds:
 
 `load_quantized(directory)` rebuilds the float architecture on the meta device (no weight is
 allocated twice), prepares it with the saved recipe and example call, checks that the same
-sites come out, and loads every tensor: it returns a `PreparedModel`, or a
-`QuantizedCausalLM` for checkpoints of one. Import only where transformers is installed.
+sites come out, and loads every tensor: it returns a `PreparedModel`, the model's own class
+prepared block by block, or a `QuantizedCausalLM` for checkpoints of one. Import only where transformers is installed.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def save_quantized(
     """Write `qmodel` (weights, quantizer state, recipe, sites) to `directory`.
 
     Args:
-        qmodel: a `PreparedModel` of a transformers model, or a `QuantizedCausalLM`.
+        qmodel: a `PreparedModel` of a transformers model, a transformers model prepared
+            block by block, or a `QuantizedCausalLM`.
         directory: created if missing; the layout is in this module's docstring.
         config: the float model's config (taken from a `QuantizedCausalLM` itself).
         safe_serialization: safetensors (default, where installed) or `torch.save`.
