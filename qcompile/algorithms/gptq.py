@@ -35,7 +35,7 @@ from qcompile.algorithms.data import (
 )
 from qcompile.algorithms.rounding import ColumnRounder, UnsupportedWeight
 from qcompile.core.quantizer import Quantizer
-from qcompile.passes.sites import Site, SiteKind, SiteStatus, prepared_graphs
+from qcompile.passes.sites import Site, SiteKind, SiteStatus, model_sites, prepared_graphs
 
 #: Columns processed together (a multiple of every block size up to it).
 COLUMNS_PER_STEP = 128
@@ -146,7 +146,7 @@ def _targets(model: nn.Module) -> list[_Target]:
 
 
 def _graph_targets(model: fx.GraphModule) -> list[_Target]:
-    sites: list[Site] = model.qcompile_sites
+    sites: list[Site] = model_sites(model)
     nodes = {node.name: node for node in model.graph.nodes}
     targets = []
     for site in sites:
