@@ -514,7 +514,9 @@ def _graph_for(
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
             value = _attribute(block if node.target in own else template, node.target)
-            if copy_modules and isinstance(value, nn.Module):
+            if copy_modules and isinstance(value, Quantizer) and not value.calibrated:
+                value = Quantizer(value.spec).to(value.amax.device)  # fresh: cheaper than a copy
+            elif copy_modules and isinstance(value, nn.Module):
                 value = copy.deepcopy(value)
             _put(root, node.target, value)
     gm = fx.GraphModule(root, graph)
