@@ -339,15 +339,16 @@ def compressed_tensors_config(
     layers: dict[str, tuple[Scheme, int | None]], ignore: list[str], kv_cache: bool
 ) -> dict[str, Any]:
     """config.json's `quantization_config` for compressed-tensors: one config group per
-    distinct layer scheme (targets `Linear` where there is one, else the layers' names)."""
+    distinct layer scheme, targeting its layers by name."""
     distinct = sorted(set(layers.values()), key=lambda s: (s[0].value, s[1] or 0))
     groups = {}
     formats = set()
     for i, key in enumerate(distinct):
         format, weights, inputs = _ct_group(*key)
         formats.add(format)
-        targets = ["Linear"] if len(distinct) == 1 else sorted(
-            n for n, s in layers.items() if s == key)
+        # The layers by name: model-free readers (compressed-tensors' own dequantizer) cannot
+        # tell a Linear's `weight` from an embedding's by a class target such as "Linear".
+        targets = sorted(n for n, s in layers.items() if s == key)
         group = {"targets": targets, "weights": weights, "input_activations": inputs,
                  "output_activations": None, "format": format}
         groups[f"group_{i}"] = group
