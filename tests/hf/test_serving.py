@@ -215,6 +215,7 @@ def test_compressed_tensors_decode_to_the_fake_quantized_weights(recipe, tmp_pat
             _amax(qlm, "model.layers.1.self_attn.value_quantizer") / 448)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_the_compressed_tensors_package_reads_our_checkpoint(recipe, tmp_path):
     ct = pytest.importorskip("compressed_tensors")
@@ -259,6 +260,7 @@ def test_quantized_weights_are_a_fraction_of_bf16(recipe, ratio, format, tmp_pat
     assert 0.2 * bf16 < stored <= ratio * bf16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "format"), CASES)
 def test_round_trip_gives_the_same_logits(recipe, format, tmp_path):
     qlm = _calibrated(recipe)
@@ -272,6 +274,7 @@ def test_round_trip_gives_the_same_logits(recipe, format, tmp_path):
         assert torch.equal(loaded(ids).logits, qlm(ids).logits)
 
 
+@pytest.mark.slow
 def test_bf16_model_round_trip_and_sharding(tmp_path):
     model = _float_model().to(torch.bfloat16)
     qlm = hf.prepare_causal_lm(model, RECIPES["nvfp4"])
@@ -291,6 +294,7 @@ def test_bf16_model_round_trip_and_sharding(tmp_path):
         assert torch.equal(loaded(ids).logits, qlm(ids).logits)
 
 
+@pytest.mark.slow
 def test_fused_layers_share_their_scales_in_ptq_and_qat(tmp_path):
     qlm = _calibrated("nvfp4")
     hf.export_checkpoint(qlm, tmp_path, "modelopt")
@@ -384,6 +388,7 @@ def test_bad_input_raises_before_anything_is_written(tmp_path):
         hf.load_checkpoint(tmp_path)
 
 
+@pytest.mark.slow
 def test_tokenizer_and_generation_config_are_saved(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     vocab = {"[UNK]": 0, "a": 1, "b": 2}
@@ -394,3 +399,18 @@ def test_tokenizer_and_generation_config_are_saved(tmp_path):
     names = {p.name for p in tmp_path.iterdir()}
     assert {"tokenizer.json", "generation_config.json", "config.json"} <= names
     assert transformers.AutoTokenizer.from_pretrained(tmp_path).convert_tokens_to_ids("b") == 2
+
+
+@pytest.mark.slow
+def test_command_line_exports_a_saved_model(tmp_path, capsys):
+    from qcompile.cli import main
+
+    hf.save_quantized(_calibrated("nvfp4"), tmp_path / "saved")
+    out = tmp_path / "served"
+    assert main(["export-checkpoint", str(tmp_path / "saved"), str(out),
+                 "--format", "compressed-tensors"]) == 0
+    assert f"vllm serve {out}" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "nvfp4-pack-quantized"
+    assert main(["export-checkpoint", str(tmp_path / "saved"), str(out)]) == 1
+    assert "overwrite" in capsys.readouterr().err
