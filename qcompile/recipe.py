@@ -31,7 +31,7 @@ FUSED_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("w13", frozenset({"w1", "w3"})),
 )
 
-#: KV-cache formats (`Recipe.kv_cache`): the per-tensor element format of the stored keys and values.
+#: KV-cache formats (`Recipe.kv_cache`): the per-tensor format of the stored keys and values.
 KV_CACHE_FORMATS = ("fp8",)
 
 

@@ -176,14 +176,14 @@ def _tie(model: nn.Module) -> list[list[str]]:
         first = members[0].quantizer
         amax = max((m.quantizer.amax.detach().float().reshape(()) for m in members),
                    key=float)
-        first.set_amax(amax)
+        first.set_amax(amax.clone())
         for member in members[1:]:
             quantizer = member.quantizer
             if first.spec.learn_amax:  # one parameter: an optimizer step moves all alike
                 quantizer.reset_amax()
                 del quantizer._buffers["amax"]
                 quantizer.amax = first.amax
-            else:
-                quantizer.set_amax(amax)
+            else:  # equal values, separate buffers
+                quantizer.set_amax(amax.clone())
         tied.append([m.label for m in members])
     return tied

@@ -103,11 +103,22 @@ def _weight_name(prepared: PreparedModel, quantizer_path: str) -> str | None:
 
 
 @dataclass
-class _Plan:
-    """What one export writes: per quantized Linear its scheme, weight and input scale;
-    per KV-cache site its key and value scales; the float layers to list as ignored."""
+class _Layer:
+    """One quantized Linear to store: its scheme, weight parameter name, weight quantization
+    and input scale, and the weight's block size."""
 
-    layers: dict[str, tuple[Scheme, str, LayerTensors, int | None]]  # name -> (.., weight name)
+    scheme: Scheme
+    weight_name: str
+    tensors: LayerTensors
+    block_size: int | None
+
+
+@dataclass
+class _Plan:
+    """What one export writes: the quantized Linears by site name, per KV-cache site its key
+    and value scales, and the float Linears to list as ignored."""
+
+    layers: dict[str, _Layer]
     kv: dict[str, dict[str, torch.Tensor]]
     ignore: list[str]
 
@@ -118,7 +129,8 @@ def _static_scale(quantizer: Quantizer, label: str) -> torch.Tensor:
             f"{label} has no calibrated range: run qcompile.calibrate(qmodel, data) before "
             "export_checkpoint"
         )
-    return amax_scale(quantizer.amax.detach().float().reshape(()), get_format(quantizer.spec.format))
+    amax = quantizer.amax.detach().float().reshape(())
+    return amax_scale(amax, get_format(quantizer.spec.format))
 
 
 def _plan(prepared: PreparedModel) -> _Plan:
@@ -130,7 +142,8 @@ def _plan(prepared: PreparedModel) -> _Plan:
                     and e.quantizer.spec.needs_calibration and not e.quantizer.calibrated]
     if uncalibrated:
         raise ValueError(
-            f"{len(uncalibrated)} quantizers have no calibrated range ({', '.join(uncalibrated[:3])}"
+            f"{len(uncalibrated)} quantizers have no calibrated range "
+            f"({', '.join(uncalibrated[:3])}"
             f"{', ...' if len(uncalibrated) > 3 else ''}): run qcompile.calibrate(qmodel, data) "
             "before export_checkpoint"
         )
@@ -169,7 +182,7 @@ def _plan(prepared: PreparedModel) -> _Plan:
     return _Plan(layers, kv, ignore)
 
 
-def _layer(prepared: PreparedModel, site: Site, enabled: dict[str, Quantizer]):
+def _layer(prepared: PreparedModel, site: Site, enabled: dict[str, Quantizer]) -> _Layer:
     weight_q, input_q = enabled.get("weight"), enabled.get("input")
     scheme = scheme_of(site.name, weight_q and weight_q.spec, input_q and input_q.spec)
     name = _weight_name(prepared, site.quantizers["weight"])
@@ -185,10 +198,10 @@ def _layer(prepared: PreparedModel, site: Site, enabled: dict[str, Quantizer]):
     if input_q is not None and not input_q.spec.dynamic:
         input_scale = _static_scale(input_q, f"{site.name} (input)")
     block = get_format(weight_q.spec.format).resolve_block_size(weight_q.spec.block_size)
-    return scheme, name, LayerTensors(scheme, wq, input_scale), block
+    return _Layer(scheme, name, LayerTensors(scheme, wq, input_scale), block)
 
 
-def _check_fused(layers: dict) -> None:
+def _check_fused(layers: dict[str, _Layer]) -> None:
     """Layers that engines fuse (q/k/v, gate/up) need one scheme and equal per-tensor scales."""
     groups: dict[str, list[str]] = {}
     for name in layers:
@@ -196,7 +209,7 @@ def _check_fused(layers: dict) -> None:
         if group is not None:
             groups.setdefault(group, []).append(name)
     for group, names in groups.items():
-        schemes = {layers[n][0] for n in names}
+        schemes = {layers[n].scheme for n in names}
         if len(schemes) > 1:
             raise InexpressibleError(
                 f"{', '.join(names)} run as one matmul in serving engines but are quantized "
@@ -205,7 +218,7 @@ def _check_fused(layers: dict) -> None:
             )
         per_tensor = {"weight": [], "input": []}
         for n in names:
-            tensors = layers[n][2]
+            tensors = layers[n].tensors
             if tensors.weight.global_scale is not None:
                 per_tensor["weight"].append(tensors.weight.global_scale)
             elif tensors.weight.scale.ndim == 0:
@@ -226,7 +239,7 @@ def _check_fused(layers: dict) -> None:
 
 def _state(prepared: PreparedModel, plan: _Plan, format: str) -> dict[str, torch.Tensor]:
     quantizer_paths = {e.path for e in site_quantizers(prepared)}
-    quantized = {weight: (name, tensors) for name, (_, weight, tensors, _) in plan.layers.items()}
+    quantized = {layer.weight_name: (name, layer.tensors) for name, layer in plan.layers.items()}
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
     for key, tensor in prepared.state_dict().items():
@@ -357,7 +370,7 @@ def export_checkpoint(
             f"{prepared.qcompile_model_class} is not a transformers class; export_checkpoint "
             "writes Hugging Face models")
     plan = _plan(prepared)
-    schemes = {name: layer[0] for name, layer in plan.layers.items()}
+    schemes = {name: layer.scheme for name, layer in plan.layers.items()}
     check_expressible(format, schemes)
     tensors = _state(prepared, plan, format)
     if format == MODELOPT:
@@ -366,12 +379,12 @@ def export_checkpoint(
     else:
         nested = None
         entry = compressed_tensors_config(
-            {n: (layer[0], layer[3]) for n, layer in plan.layers.items()}, plan.ignore,
+            {n: (layer.scheme, layer.block_size) for n, layer in plan.layers.items()}, plan.ignore,
             bool(plan.kv))
     sidecar = _sidecar(prepared, config, format, causal_lm)
     sidecar["global_scales"] = {  # exact: compressed-tensors stores their reciprocals
-        name: float(layer[2].weight.global_scale) for name, layer in plan.layers.items()
-        if layer[2].weight.global_scale is not None}
+        name: float(layer.tensors.weight.global_scale) for name, layer in plan.layers.items()
+        if layer.tensors.weight.global_scale is not None}
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))

@@ -91,6 +91,11 @@ def _unpack_fp4(packed):
     return torch.where(codes >= 8, -magnitude, magnitude)
 
 
+def _e8m0(exponents):
+    """uint8 E8M0 scale bytes: 2 ** (byte - 127)."""
+    return torch.pow(2.0, exponents.double() - 127).float()
+
+
 def _blocks(values, scale):
     out, k = values.shape
     return (values.reshape(out, scale.shape[1], -1) * scale.unsqueeze(-1)).reshape(out, k)
@@ -109,7 +114,7 @@ def _decode_modelopt(algo, t):
     if algo == "MXFP8":
         assert t["weight"].dtype == torch.float8_e4m3fn and t["weight_scale"].dtype == torch.uint8
         assert t["weight_scale"].shape[1] * 32 == t["weight"].shape[1]
-        return _blocks(t["weight"].float(), torch.pow(2.0, t["weight_scale"].double() - 127).float())
+        return _blocks(t["weight"].float(), _e8m0(t["weight_scale"]))
     raise AssertionError(algo)
 
 
@@ -126,7 +131,7 @@ def _decode_ct(args, t):
         assert t["weight_shape"].tolist() == list(q.shape)
         return _blocks(q.float(), t["weight_scale"])
     if w.get("scale_dtype") == "torch.uint8":  # mxfp8-quantized
-        return _blocks(t["weight"].float(), torch.pow(2.0, t["weight_scale"].double() - 127).float())
+        return _blocks(t["weight"].float(), _e8m0(t["weight_scale"]))
     assert t["weight"].dtype == torch.float8_e4m3fn  # float-quantized
     return t["weight"].float() * t["weight_scale"]
 
@@ -414,3 +419,20 @@ def test_command_line_exports_a_saved_model(tmp_path, capsys):
     assert config["format"] == "nvfp4-pack-quantized"
     assert main(["export-checkpoint", str(tmp_path / "saved"), str(out)]) == 1
     assert "overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_prepared_model_round_trips_too(tmp_path):
+    model = _float_model()
+    kwargs = {"input_ids": _ids(), "use_cache": False}
+    qmodel = qc.prepare(model, RECIPES["fp8"], example_kwargs=kwargs)
+    qc.calibrate(qmodel, [{"input_ids": _ids(seed=1), "use_cache": False}], progress=False)
+    with pytest.raises(TypeError, match="config=model.config"):
+        hf.export_checkpoint(qmodel, tmp_path)
+    hf.export_checkpoint(qmodel, tmp_path, "modelopt", config=model.config)
+    loaded = hf.load_checkpoint(tmp_path)
+    assert isinstance(loaded, qc.PreparedModel)
+    ids = _ids(2, 8, seed=4)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, use_cache=False).logits,
+                           qmodel(input_ids=ids, use_cache=False).logits)
