@@ -30,6 +30,7 @@ from qcompile.algorithms.data import (
 )
 from qcompile.algorithms.observers import (
     AmaxObserver,
+    MaxObserver,
     check_percentile,
     get_observer_class,
 )
@@ -100,7 +101,12 @@ def calibrate(
         options["percentile"] = check_percentile(percentile)
     _check_num_batches(num_batches)
 
-    quantizers = [(entry.label, entry.quantizer) for entry in site_quantizers(model)]
+    entries = site_quantizers(model)
+    quantizers = [(entry.label, entry.quantizer) for entry in entries]
+    # A fused layer's static weight amax is the weight's max, whatever the method (as the
+    # dynamic weight amax it replaces); the tie then takes the max over the group.
+    fused_weights = {id(e.quantizer) for e in entries
+                     if e.role == "weight" and fused_group(e.path.rpartition(".")[0])}
     sites = getattr(model, "qcompile_sites", None)
     if not quantizers and sites:
         reasons = "; ".join(f"{s.name}: {s.status.value}, {s.reason}" for s in sites[:4])
@@ -128,7 +134,8 @@ def calibrate(
             f"(learn_scales) become new parameters at calibration, which {wrapper} would "
             "neither synchronize nor shard"
         )
-    observers = {q: observer_class(q.spec, name, **options) for name, q in targets}
+    observers = {q: MaxObserver(q.spec, name) if id(q) in fused_weights
+                 else observer_class(q.spec, name, **options) for name, q in targets}
     labelled = [(name, observers[q]) for name, q in targets]
     with merged_across_ranks(labelled), eval_mode(model), _attached(observers):
         run_data(model, data, num_batches, progress and is_main_process())

@@ -310,8 +310,8 @@ def test_fused_layers_share_their_scales_in_ptq_and_qat(tmp_path):
             for scale in ("weight_scale_2", "input_scale"):
                 values = {float(tensors[f"model.layers.{layer}.{m}.{scale}"]) for m in fused}
                 assert len(values) == 1, (layer, fused, scale)
-    amax = max(qlm.prepared.get_parameter(f"model.layers.0.self_attn.{m}_proj.weight").abs().max()
-               for m in "qkv")  # the global amax is the group's max
+    amax = max(qlm.prepared.get_parameter(f"model.layers.0.self_attn.{m}_proj.weight").detach()
+               .abs().max() for m in "qkv")  # the global amax is the group's max
     assert float(tensors["model.layers.0.self_attn.q_proj.weight_scale_2"]) == float(
         amax / (6 * 448))
     # QAT with learned fp8 ranges: one parameter per fused group, so a step keeps them tied
@@ -436,3 +436,39 @@ def test_a_prepared_model_round_trips_too(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids, use_cache=False).logits,
                            qmodel(input_ids=ids, use_cache=False).logits)
+
+
+def test_recipe_kv_cache_and_tie_options_are_checked_and_serialised():
+    with pytest.raises(ValueError, match="kv_cache='int8'"):
+        Recipe(kv_cache="int8")
+    with pytest.raises(TypeError, match="tie_fused"):
+        Recipe(tie_fused="yes")
+    with pytest.raises(ValueError, match="calibrate"):
+        RECIPES["nvfp4"].with_dynamic_ranges()
+    assert not RECIPES["mxfp8"].with_(tie_fused=True).with_dynamic_ranges().tie_fused
+    untied = RECIPES["fp8"].with_(tie_fused=False)
+    assert recipe_from_dict(recipe_to_dict(untied)) == untied
+    # a fused layer's per-tensor weight amax becomes static (shared); other layers keep theirs
+    specs, _ = RECIPES["fp8"].resolve("model.layers.0.self_attn.k_proj", SiteKind.LINEAR)
+    assert not specs["weight"].dynamic
+    specs, _ = RECIPES["fp8"].resolve("model.layers.0.self_attn.o_proj", SiteKind.LINEAR)
+    assert specs["weight"].dynamic
+    specs, _ = untied.resolve("model.layers.0.self_attn.k_proj", SiteKind.LINEAR)
+    assert specs["weight"].dynamic
+
+
+@pytest.mark.slow
+def test_fused_weight_amax_is_the_max_whatever_the_calibration_method():
+    qlm = hf.prepare_causal_lm(_float_model(), RECIPES["nvfp4"])
+    qc.calibrate(qlm, [{"input_ids": _ids()}], method="percentile", percentile=90.0,
+                 progress=False)
+    prepared = qlm.prepared
+    weights = [prepared.get_parameter(f"model.layers.1.mlp.{m}_proj.weight").detach()
+               for m in ("gate", "up")]
+    expected = max(float(w.abs().max()) for w in weights)
+    for m in ("gate", "up"):
+        amax = prepared.get_submodule(f"model.layers.1.mlp.{m}_proj.weight_quantizer").amax
+        assert float(amax) == expected
+    q_in = prepared.get_submodule("model.layers.1.mlp.up_proj.input_quantizer").amax
+    g_in = prepared.get_submodule("model.layers.1.mlp.gate_proj.input_quantizer").amax
+    assert float(q_in) == float(g_in)  # inputs: the method's amax (percentile), tied
