@@ -107,7 +107,7 @@ def calibrate(
     # dynamic weight amax it replaces); the tie then takes the max over the group.
     fused_weights = {id(e.quantizer) for e in entries
                      if e.role == "weight" and fused_group(e.path.rpartition(".")[0])}
-    sites = getattr(model, "qcompile_sites", None)
+    sites = model_sites(model)
     if not quantizers and sites:
         reasons = "; ".join(f"{s.name}: {s.status.value}, {s.reason}" for s in sites[:4])
         raise ValueError(
