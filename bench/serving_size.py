@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import qcompile as qc
 from qcompile import hf
+from qcompile.passes.sites import SiteKind, SiteStatus, model_sites
 
 CONFIG = dict(vocab_size=1000, hidden_size=1024, num_attention_heads=8, num_key_value_heads=4,
               intermediate_size=2816, num_hidden_layers=2)
@@ -36,8 +37,8 @@ def main() -> None:
         qlm = hf.prepare_causal_lm(model, recipe)
         if recipe.needs_calibration:
             qc.calibrate(qlm, [{"input_ids": ids}], progress=False)
-        layers = [s.name for s in qlm.prepared.qcompile_sites
-                  if s.kind.value == "linear" and s.status.value == "quantized"]
+        layers = [s.name for s in model_sites(qlm.prepared)
+                  if s.kind is SiteKind.LINEAR and s.status is SiteStatus.QUANTIZED]
         bf16 = sum(qlm.prepared.get_parameter(n + ".weight").numel() * 2 for n in layers)
         for format in ("modelopt", "compressed-tensors"):
             if (name, format) == ("int4", "modelopt"):

@@ -258,13 +258,13 @@ def _state(prepared: PreparedModel, plan: _Plan, format: str) -> dict[str, torch
         if key in quantized:
             name, tensors = quantized[key]
             for local, value in encode_layer(format, tensors).items():
-                out[f"{name}.{local}"] = value
+                out[f"{name}.{local}"] = value.cpu()
         else:
             out[key] = tensor.detach().cpu().contiguous()
     for attention, scales in plan.kv.items():
         names = kv_scale_names(format, attention)
         for role, scale in scales.items():
-            out[names[role]] = kv_scale_tensor(format, scale)
+            out[names[role]] = kv_scale_tensor(format, scale).cpu()
     return out
 
 
