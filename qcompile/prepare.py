@@ -601,7 +601,7 @@ def _prepare_blockwise(
         return None
     try:
         calls = record_calls(model, paths, args, kwargs)
-    except BlockError:
+    except Exception:  # "auto" leaves explaining a failing call to capture
         if blocks == "auto":
             return None
         raise
