@@ -110,13 +110,15 @@ def report_rows(model: nn.Module) -> list[SiteRow]:
 
 def effective_bits(model: nn.Module) -> float | None:
     """Bits per weight element of a prepared model's Linear/conv sites, scales included (nvfp4
-    4.5, fp8 8, float 16), weighted by each site's weight size; None if no size is known."""
+    4.5, fp8 8, float 16), weighted by each site's weight size; sites that an `exclude` pattern
+    of the recipe keeps in float (output heads) are left out. None if no size is known."""
     sites = model_sites(model) or []
+    recipe = getattr(model, "qcompile_recipe", None)
     weights = {e.site.name: e.quantizer for e in site_quantizers(model)
                if e.site is not None and e.role == "weight"}
     total, bits = 0, 0.0
     for site in sites:
-        if not site.weight_size:
+        if not site.weight_size or (recipe is not None and recipe.excludes(site.name)):
             continue
         quantizer = weights.get(site.name)
         per_element = 16.0
@@ -139,7 +141,7 @@ def format_report(rows: list[SiteRow], effective_bits: float | None = None) -> s
               for status in ("quantized", "excluded", "unsupported")}
     summary = f"{len(rows)} sites: " + ", ".join(f"{n} {status}" for status, n in counts.items())
     if effective_bits is not None:
-        summary += f"; {effective_bits:.2f} effective bits per weight (scales included, float 16)"
+        summary += f"; {effective_bits:.2f} effective bits per weight (scales included, float 16, excluded sites not counted)"
     return "\n".join([*lines, summary])
 
 

@@ -42,7 +42,7 @@ from qcompile.algorithms.calibrate import calibrate
 from qcompile.core.calls import split_batch
 from qcompile.core.formats import get_format
 from qcompile.core.quantizer import Quantizer, QuantSpec
-from qcompile.passes.sites import Site, SiteKind, SiteStatus, model_sites, site_quantizers
+from qcompile.passes.sites import Site, SiteKind, model_sites, site_quantizers
 from qcompile.prepare import prepare
 from qcompile.recipe import RECIPES, Recipe, SiteSpecs
 from qcompile.training.distill import kl_divergence, select_logits
@@ -81,13 +81,34 @@ class Unit:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """What `auto_recipe` found, kept on the recipe's `search` attribute for reports/benches."""
+    """What `auto_recipe` measured and chose; the returned recipe's `search` attribute.
+
+    `recipe_at(bits)` solves again for another budget from the same scores (no new passes).
+    """
 
     effective_bits: float
     choices: dict[str, str | None]  # site name -> format (None: float)
     units: list[Unit]
-    seconds: dict[str, float]
-    exact: bool
+    seconds: dict[str, float]  # "calibrate <format>", "score", "total"
+    exact: bool  # the knapsack was solved on exact sizes (else sizes rounded up)
+    base: Recipe
+    candidates: dict[str, SiteSpecs | None]
+    fixed_bits: Fraction
+    total: int  # weight elements counted
+    formats: tuple[str | None, ...]
+
+    def bounds(self) -> tuple[float, float]:
+        """The least and the most effective bits the candidates reach on this model."""
+        return _reach(self.units, self.candidates, self.fixed_bits, self.total)
+
+    def recipe_at(self, effective_bits: float, scores: dict[str, dict] | None = None) -> Recipe:
+        """The recipe for another budget, from these scores (or `scores`: unit name ->
+        choice -> score, e.g. random ones for a baseline)."""
+        units = self.units
+        if scores is not None:
+            units = [Unit(u.name, u.sites, u.size, dict(scores[u.name])) for u in units]
+        return _finish(units, self.base, self.candidates, self.fixed_bits, self.total,
+                       effective_bits, self.formats, self.seconds)
 
 
 def auto_recipe(
@@ -117,7 +138,8 @@ def auto_recipe(
             format's activations and scores the sites.
         effective_bits: the budget: sum over the weights of the model's Linear/conv sites of
             bits per element (scales included: nvfp4 4.5, mxfp4 4.25, int4 4.25, fp8/int8 8,
-            float 16) times elements, over all their elements. Sites that `base` fixes count too.
+            float 16) times elements, over all their elements. Sites that `base` overrides
+            count; sites its `exclude` keeps in float (output heads) do not, as in `qc.report`.
         example_inputs / example_kwargs: the example call for `prepare` (default: the first batch).
         loss_fn: `loss_fn(output, batch) -> scalar` to score with instead of the divergence from
             the float model (e.g. a task loss with labels in the batch).
@@ -146,33 +168,22 @@ def auto_recipe(
     if not example_inputs and not example_kwargs:
         example_inputs, example_kwargs = split_batch(batches[0])
 
-    # The scoring model: every site with a quantizer (dynamic fp8: no calibration, no block
-    # constraint), all disabled, so that it computes in float and taps every quantized tensor.
-    probe_specs = SiteSpecs(weight=QuantSpec("fp8", dynamic=True), input=QuantSpec("fp8", dynamic=True))
-    scorer = prepare(model, Recipe("auto-scoring", probe_specs, quantize_matmul=base.quantize_matmul,
-                                   exclude=(), overrides=()),
-                     example_inputs, example_kwargs)
-    sites = model_sites(scorer)
-    units, fixed_bits, total = _units(sites, base, candidates)
-
     # One prepared and calibrated model per format: its quantizers are the candidates.
     seconds: dict[str, float] = {}
-    alternatives: dict[str | None, dict[tuple[str, str], Quantizer]] = {}
+    prepared = {}
     for name, specs in candidates.items():
-        if specs is None:
-            continue
-        t0 = time.perf_counter()
-        prepared = prepare(model, _format_recipe(base, specs), example_inputs, example_kwargs)
-        if any(q.quantizer.spec.needs_calibration for q in site_quantizers(prepared)):
-            calibrate(prepared, batches, method=calibration, progress=progress)
-        alternatives[name] = {(e.site.name, e.role): e.quantizer for e in site_quantizers(prepared)
-                              if e.site is not None}
-        seconds[f"calibrate {name}"] = time.perf_counter() - t0
-        for unit in units:
-            if all(site.name in {s for s, _ in alternatives[name]} for site in unit.sites):
-                unit.scores[name] = 0.0
-        del prepared
+        if specs is not None:
+            t0 = time.perf_counter()
+            prepared[name] = prepare(model, _format_recipe(base, specs), example_inputs,
+                                     example_kwargs)
+            seconds[f"prepare {name}"] = time.perf_counter() - t0
+    units, fixed_bits, total = _units(model_sites(next(iter(prepared.values()))), base)
+    keys = {name: {(e.site.name, e.role) for e in site_quantizers(m) if e.site is not None}
+            for name, m in prepared.items()}
     for unit in units:
+        for name in prepared:
+            if all(any(key[0] == site.name for key in keys[name]) for site in unit.sites):
+                unit.scores[name] = 0.0
         if "float" in candidates:
             unit.scores[None] = 0.0
         if not unit.scores:
@@ -180,6 +191,27 @@ def auto_recipe(
             raise ValueError(f"none of the formats {list(candidates)} can quantize {names}; "
                              "list None among the formats to let it stay in float, or exclude it")
     _check_budget(units, candidates, fixed_bits, total, effective_bits)
+    alternatives: dict[str, dict[tuple[str, str], Quantizer]] = {}
+    for name, model_f in prepared.items():
+        t0 = time.perf_counter()
+        if any(e.quantizer.spec.needs_calibration for e in site_quantizers(model_f)):
+            calibrate(model_f, batches, method=calibration, progress=progress)
+        alternatives[name] = {(e.site.name, e.role): copy.deepcopy(e.quantizer)
+                              for e in site_quantizers(model_f) if e.site is not None}
+        seconds[f"calibrate {name}"] = time.perf_counter() - t0
+
+    # The scoring model computes in float with every candidate's quantized tensors tapped: a
+    # format's own model where it quantizes all of them (its quantizers then disabled), else
+    # one with a quantizer everywhere (dynamic fp8: no calibration, no block constraint).
+    needed = set().union(*keys.values())
+    scorer = next((m for name, m in prepared.items() if keys[name] >= needed), None)
+    if scorer is None:
+        t0 = time.perf_counter()
+        probe = SiteSpecs(weight=QuantSpec("fp8", dynamic=True), input=QuantSpec("fp8", dynamic=True))
+        scorer = prepare(model, Recipe("auto-scoring", probe, quantize_matmul=base.quantize_matmul,
+                                       exclude=(), overrides=()), example_inputs, example_kwargs)
+        seconds["prepare scoring model"] = time.perf_counter() - t0
+    del prepared
 
     t0 = time.perf_counter()
     taps = {(e.site.name, e.role): e.quantizer for e in site_quantizers(scorer) if e.site is not None}
@@ -193,14 +225,22 @@ def auto_recipe(
         scorer_state.close()
     seconds["score"] = time.perf_counter() - t0
 
+    seconds["total"] = time.perf_counter() - started
+    return _finish(units, base, candidates, fixed_bits, total, effective_bits, tuple(formats),
+                   seconds)
+
+
+def _finish(units, base, candidates, fixed_bits, total, effective_bits, formats, seconds) -> Recipe:
+    _check_budget(units, candidates, fixed_bits, total, effective_bits)
     picks, exact = solve(units, candidates, fixed_bits, total, effective_bits)
     choices = {site.name: picks[unit.name] for unit in units for site in unit.sites}
     bits_used = fixed_bits + sum(unit.size * _bits(candidates[picks[unit.name] or "float"])
                                  for unit in units)
     achieved = float(bits_used / total) if total else 0.0
-    seconds["total"] = time.perf_counter() - started
     recipe = _result_recipe(base, candidates, units, picks, achieved, formats)
-    object.__setattr__(recipe, "search", SearchResult(achieved, choices, units, seconds, exact))
+    search = SearchResult(achieved, choices, units, seconds, exact, base, candidates,
+                          fixed_bits, total, formats)
+    object.__setattr__(recipe, "search", search)  # a plain attribute: copies drop it
     return recipe
 
 
@@ -249,16 +289,17 @@ def _format_recipe(base: Recipe, specs: SiteSpecs) -> Recipe:
                       if specs.input is not None else None)
 
 
-def _fixed(base: Recipe, site: Site) -> tuple[bool, Fraction]:
-    """Whether `base` fixes the site (override or exclude), and its weight bits if so."""
+def _fixed(base: Recipe, site: Site) -> tuple[bool, Fraction | None]:
+    """Whether `base` fixes the site, and its weight bits then (None: not counted, as an
+    excluded site is not)."""
     for pattern, specs in base.overrides:
         if fnmatch.fnmatchcase(site.name, pattern):
             return True, _bits(specs)
-    if any(fnmatch.fnmatchcase(site.name, pattern) for pattern in base.exclude):
-        return True, FLOAT_BITS
+    if base.excludes(site.name):
+        return True, None
     if site.kind is SiteKind.MATMUL and not base.quantize_matmul:
-        return True, FLOAT_BITS
-    return False, FLOAT_BITS
+        return True, None
+    return False, None
 
 
 def _bits(specs: SiteSpecs | None) -> Fraction:
@@ -278,17 +319,19 @@ def fused_key(name: str) -> str:
     return name
 
 
-def _units(sites: list[Site], base: Recipe, candidates) -> tuple[list[Unit], Fraction, int]:
+def _units(sites: list[Site], base: Recipe) -> tuple[list[Unit], Fraction, int]:
     """The searched units (fused groups merged), the bits of fixed sites, all weight elements."""
     groups: dict[str, list[Site]] = {}
     fixed_bits, total = Fraction(0), 0
     for site in sites:
         size = site.weight_size or 0
-        total += size
         fixed, bits = _fixed(base, site)
-        if fixed or site.status is not SiteStatus.QUANTIZED:
-            fixed_bits += size * bits
+        if fixed:
+            if bits is not None:  # overridden: counted; excluded: not
+                fixed_bits += size * bits
+                total += size
             continue
+        total += size
         groups.setdefault(fused_key(site.name), []).append(site)
     units = [Unit(_label([s.name for s in members]), members,
                   sum(s.weight_size or 0 for s in members))
@@ -309,13 +352,17 @@ def _label(names: list[str]) -> str:
     return prefix + "{" + ",".join(name[len(prefix):] for name in names) + "}"
 
 
-def _check_budget(units, candidates, fixed_bits, total, effective_bits) -> None:
+def _reach(units, candidates, fixed_bits, total) -> tuple[float, float]:
     def reach(pick) -> float:
         bits = fixed_bits + sum(unit.size * pick(_bits(candidates[c or "float"])
                                                  for c in unit.scores) for unit in units)
         return float(bits / total) if total else 0.0
 
-    low, high = reach(min), reach(max)
+    return reach(min), reach(max)
+
+
+def _check_budget(units, candidates, fixed_bits, total, effective_bits) -> None:
+    low, high = _reach(units, candidates, fixed_bits, total)
     if not low - 1e-9 <= effective_bits <= high + 1e-9:
         raise ValueError(
             f"effective_bits={effective_bits} is outside what {list(candidates)} can reach on "
@@ -343,19 +390,19 @@ class _ScoringModel:
         self.switched: dict[tuple[str, str], Quantizer] = {}
         self.grad_flags = {p: p.requires_grad for p in model.parameters()}
         self.handles = []
+        self.blocked = {key: _blocked(quantizer) for key, quantizer in taps.items()}
         for key, quantizer in taps.items():
             quantizer.enabled = False
             self.handles.append(quantizer.register_forward_hook(self._hook(key)))
 
     def quantize(self, choice: str, key: tuple[str, str], x: torch.Tensor) -> torch.Tensor:
         """`x` (as the scoring model's quantizer sees it) through format `choice`'s quantizer.
-        The scoring quantizers have no blocks, so they see every operand as it is; a block
-        format sees a second matmul operand transposed, with its blocks along K."""
+        A block format sees a second matmul operand transposed, with its blocks along K; the
+        tap sees it so only where the scoring model's own quantizer there is blocked too."""
         quantizer = self.alternatives[choice][key]
-        axis = self.axes.get(key, -1)
-        spec = quantizer.spec
-        if axis == -1 or get_format(spec.format).resolve_block_size(spec.block_size) is None:
+        if self.axes.get(key, -1) == -1 or _blocked(quantizer) == self.blocked[key]:
             return quantizer(x)
+        axis = self.axes[key]
         return quantizer(x.transpose(axis, -1)).transpose(axis, -1)
 
     def _hook(self, key):
@@ -363,7 +410,10 @@ class _ScoringModel:
             if key in self.switched:
                 return self.quantize(self.switched[key], key, args[0])
             if self.record:
-                tapped = output.view_as(output)  # its own autograd node, even for a parameter
+                # its own autograd node (also for a parameter); a leaf where nothing upstream
+                # needs a gradient (the model's input)
+                tapped = (output.view_as(output) if output.requires_grad
+                          else output.detach().requires_grad_())
                 self.recorded[key] = tapped
                 return tapped
             return None
@@ -379,6 +429,11 @@ class _ScoringModel:
             handle.remove()
         for parameter, flag in self.grad_flags.items():
             parameter.requires_grad_(flag)
+
+
+def _blocked(quantizer: Quantizer) -> bool:
+    spec = quantizer.spec
+    return get_format(spec.format).resolve_block_size(spec.block_size) is not None
 
 
 def _output(output, divergence: str) -> torch.Tensor:
@@ -494,13 +549,15 @@ def solve(units: list[Unit], candidates: dict, fixed_bits: Fraction, total: int,
                for unit in units]
     costs = [[unit.size * _bits(candidates[c or "float"]) for c in opts]
              for unit, opts in zip(units, options)]
-    capacity = Fraction(effective_bits).limit_denominator(10**6) * total - fixed_bits
+    capacity = Fraction(effective_bits) * total - fixed_bits
     capacity -= sum(min(c) for c in costs)
     extra = [[c - min(cs) for c in cs] for cs in costs]
-    denominator = math.lcm(*(f.denominator for row in extra for f in row), capacity.denominator)
+    # Every sum of costs is a multiple of 1/denominator and of step/denominator, so flooring
+    # the capacity onto that grid loses no feasible choice.
+    denominator = math.lcm(*(f.denominator for row in extra for f in row))
     scaled = [[int(f * denominator) for f in row] for row in extra]
     slack = math.floor(max(capacity, Fraction(0)) * denominator)
-    step = math.gcd(*(v for row in scaled for v in row), slack) or 1
+    step = math.gcd(*(v for row in scaled for v in row)) or 1
     exact = True
     if slack // step > MAX_CELLS:
         step, exact = -(-slack // MAX_CELLS), False
