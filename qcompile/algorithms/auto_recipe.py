@@ -96,6 +96,7 @@ class SearchResult:
     fixed_bits: Fraction
     total: int  # weight elements counted
     formats: tuple[str | None, ...]
+    float_sites: tuple[str, ...] = ()  # sites no candidate can quantize (shapes): kept float
 
     def bounds(self) -> tuple[float, float]:
         """The least and the most effective bits the candidates reach on this model."""
@@ -108,7 +109,7 @@ class SearchResult:
         if scores is not None:
             units = [Unit(u.name, u.sites, u.size, dict(scores[u.name])) for u in units]
         return _finish(units, self.base, self.candidates, self.fixed_bits, self.total,
-                       effective_bits, self.formats, self.seconds)
+                       effective_bits, self.formats, self.seconds, self.float_sites)
 
 
 def auto_recipe(
@@ -180,6 +181,7 @@ def auto_recipe(
     units, fixed_bits, total = _units(model_sites(next(iter(prepared.values()))), base)
     keys = {name: {(e.site.name, e.role) for e in site_quantizers(m) if e.site is not None}
             for name, m in prepared.items()}
+    unquantizable = []  # no candidate fits (shapes): float, as prepare leaves such sites
     for unit in units:
         for name in prepared:
             if all(any(key[0] == site.name for key in keys[name]) for site in unit.sites):
@@ -187,9 +189,13 @@ def auto_recipe(
         if "float" in candidates:
             unit.scores[None] = 0.0
         if not unit.scores:
-            names = ", ".join(s.name for s in unit.sites)
-            raise ValueError(f"none of the formats {list(candidates)} can quantize {names}; "
-                             "list None among the formats to let it stay in float, or exclude it")
+            unquantizable.append(unit)
+            fixed_bits += unit.size * FLOAT_BITS
+    units = [unit for unit in units if unit.scores]
+    if not units:
+        raise ValueError(f"none of the formats {list(candidates)} can quantize any site of this "
+                         "model (see qcompile.report of a model prepared with one of them)")
+    float_sites = tuple(site.name for unit in unquantizable for site in unit.sites)
     _check_budget(units, candidates, fixed_bits, total, effective_bits)
     alternatives: dict[str, dict[tuple[str, str], Quantizer]] = {}
     for name, model_f in prepared.items():
@@ -227,19 +233,20 @@ def auto_recipe(
 
     seconds["total"] = time.perf_counter() - started
     return _finish(units, base, candidates, fixed_bits, total, effective_bits, tuple(formats),
-                   seconds)
+                   seconds, float_sites)
 
 
-def _finish(units, base, candidates, fixed_bits, total, effective_bits, formats, seconds) -> Recipe:
+def _finish(units, base, candidates, fixed_bits, total, effective_bits, formats, seconds,
+            float_sites) -> Recipe:
     _check_budget(units, candidates, fixed_bits, total, effective_bits)
     picks, exact = solve(units, candidates, fixed_bits, total, effective_bits)
     choices = {site.name: picks[unit.name] for unit in units for site in unit.sites}
     bits_used = fixed_bits + sum(unit.size * _bits(candidates[picks[unit.name] or "float"])
                                  for unit in units)
     achieved = float(bits_used / total) if total else 0.0
-    recipe = _result_recipe(base, candidates, units, picks, achieved, formats)
+    recipe = _result_recipe(base, candidates, units, picks, achieved, formats, float_sites)
     search = SearchResult(achieved, choices, units, seconds, exact, base, candidates,
-                          fixed_bits, total, formats)
+                          fixed_bits, total, formats, float_sites)
     object.__setattr__(recipe, "search", search)  # a plain attribute: copies drop it
     return recipe
 
@@ -593,8 +600,9 @@ def _pattern(name: str) -> str:
     return re.sub(r"([\[\]*?])", r"[\1]", name)
 
 
-def _result_recipe(base: Recipe, candidates, units, picks, achieved: float, formats) -> Recipe:
-    overrides = list(base.overrides)
+def _result_recipe(base: Recipe, candidates, units, picks, achieved: float, formats,
+                   float_sites) -> Recipe:
+    overrides = list(base.overrides) + [(_pattern(name), None) for name in float_sites]
     for unit in units:
         choice = picks[unit.name]
         specs = candidates[choice] if choice is not None else None

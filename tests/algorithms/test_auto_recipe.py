@@ -255,3 +255,29 @@ def test_bad_input_is_refused_before_any_work(toy, data, kwargs, error, match):
                  "progress": False, **kwargs}
     with pytest.raises(error, match=match):
         qc.auto_recipe(toy, arguments.pop("formats"), arguments.pop("data"), **arguments)
+
+
+@pytest.mark.slow
+def test_kl_scores_equal_the_divergence_of_a_model_with_that_site_alone_quantized(toy, data):
+    """MX formats scale from each tensor alone, so a model with only one site quantized is an
+    independent reference for that site's kl score, attention products (the second operand
+    quantized along K, transposed) included."""
+    from qcompile.training.distill import kl_divergence
+
+    base = qc.Recipe("base", quantize_matmul=True)
+    recipe = qc.auto_recipe(toy, ("mxfp4", "mxfp8"), data, effective_bits=6.0, method="kl",
+                            base=base, progress=False)
+    units = {unit.name: unit for unit in recipe.search.units}
+    # P @ V reduces over 8 positions: no MX block of 32 fits, so that product is not searched
+    assert "layers.0.self_attn.matmul_1" not in units
+    for site, fmt in [("layers.0.self_attn.matmul_0", "mxfp4"), ("layers.1.self_attn.o_proj", "mxfp8"),
+                      ("layers.0.self_attn.matmul_0", "mxfp8")]:
+        specs = RECIPES[fmt].linear
+        if "matmul" in site:
+            specs = SiteSpecs(input=specs.input)
+        alone = qc.Recipe("alone", exclude=("*",), overrides={site: specs}, quantize_matmul=True)
+        qmodel = qc.prepare(toy, alone, example_inputs=(data[0],)).eval()
+        with torch.no_grad():
+            expected = sum(float(kl_divergence(toy(x), qmodel(x), 1.0)) for x in data)
+        assert expected > 0
+        assert units[site].scores[fmt] == pytest.approx(expected, rel=1e-4), (site, fmt)
