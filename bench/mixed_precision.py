@@ -4,7 +4,7 @@ On the char-GPT and the real all-MiniLM-L6-v2 of bench/accuracy.py (same models,
 metrics: validation perplexity; mean cosine to the float embeddings), for budgets between
 uniform NVFP4 (4.5 bits per weight) and uniform FP8 (8): auto_recipe with the gradient and
 the kl scores, against uniform nvfp4, uniform fp8 and random assignments at the same budgets
-(random scores through the same exact knapsack, so they fill the budget as fully). Every point
+(a random priority per unit through the same exact knapsack, so they fill the budget as fully). Every point
 is a model prepared with the recipe, `max`-calibrated on the same batches, and evaluated.
 One auto_recipe call per method scores the sites; the other budgets re-solve from its scores
 (`SearchResult.recipe_at`).
@@ -101,7 +101,10 @@ def run_model(name: str, model, calibration, evaluate, divergence: str, args) ->
             point(f"auto {method}", search.recipe_at(budget), budget)
         search = next(iter(searches.values()))
         for i in range(args.random if budget != 6.0 else args.random_at_6):
-            scores = {u.name: {c: rng.random() for c in u.scores} for u in search.units}
+            # a random priority per unit for the larger format: the exact knapsack then fills
+            # the budget as fully as auto_recipe does, with a random set of units
+            scores = {u.name: {c: (rng.random() if c == "nvfp4" else 0.0) for c in u.scores}
+                      for u in search.units}
             point("random", search.recipe_at(budget, scores=scores), budget, {"seed": i})
     return {"model": name, "float": float_value, "points": points, "seconds": seconds,
             "units": len(next(iter(searches.values())).units)}

@@ -281,3 +281,14 @@ def test_kl_scores_equal_the_divergence_of_a_model_with_that_site_alone_quantize
             expected = sum(float(kl_divergence(toy(x), qmodel(x), 1.0)) for x in data)
         assert expected > 0
         assert units[site].scores[fmt] == pytest.approx(expected, rel=1e-4), (site, fmt)
+
+
+@pytest.mark.slow
+def test_loss_fn_and_mse_divergence_drive_the_gradient_scores(toy, data):
+    blind = qc.auto_recipe(toy, ("nvfp4", "fp8"), data, effective_bits=6.0, progress=False,
+                           loss_fn=lambda output, batch: (output * 0).sum())
+    assert all(score == 0 for u in blind.search.units for score in u.scores.values())
+    mse = qc.auto_recipe(toy, ("nvfp4", "fp8"), data, effective_bits=6.0, progress=False,
+                         divergence="mse")
+    for unit in mse.search.units:
+        assert unit.scores["nvfp4"] > unit.scores["fp8"] > 0, unit.name
