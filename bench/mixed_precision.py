@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from accuracy import NextByteLoss, float_gpt
+from accuracy import float_gpt
 from results import cpu_model, write_section
 
 import qcompile as qc
@@ -152,7 +152,8 @@ def summary(result: dict, at: float = 6.0) -> dict:
     for p in points:
         if p["kind"].startswith("auto") and p["budget"] == at:
             out[p["kind"]] = {
-                "value": p["value"], "bits": p["bits"], "gap closed": (value["nvfp4"] - p["value"]) / gap,
+                "value": p["value"], "bits": p["bits"],
+                "gap closed": (value["nvfp4"] - p["value"]) / gap,
                 "beats every random": best_random is None or sign * p["value"] < sign * best_random,
             }
     out["best random"] = best_random
@@ -169,16 +170,16 @@ def summary(result: dict, at: float = 6.0) -> dict:
 
 
 def markdown(results: list[dict], command: str, args) -> str:
-    lines = [f"`{command}`", "",
-             f"CPU: {cpu_model()}, shared with other jobs (2 cores, ~7 engineers); "
-             f"calibration/scoring batches: {args.calibration_batches}; torch threads: "
-             f"{args.threads or 'default'}. Budgets re-solved from one scoring pass per method.", ""]
+    machine = (f"CPU: {cpu_model()}, shared with other jobs (2 cores, ~7 engineers); "
+               f"calibration/scoring batches: {args.calibration_batches}; torch threads: "
+               f"{args.threads or 'default'}. Budgets re-solved from one scoring pass per method.")
+    lines = [f"`{command}`", "", machine, ""]
     for result in results:
         better = "lower" if lower_is_better(result) else "higher"
         metric = "val perplexity" if lower_is_better(result) else "mean cosine to float"
-        lines += [f"**{result['model']}** ({metric}, {better} is better; float "
-                  f"{result['float']:.4f}; {result['units']} decision units)", "",
-                  "| kind | budget | effective bits | value |", "|---|---|---|---|"]
+        title = (f"**{result['model']}** ({metric}, {better} is better; float "
+                 f"{result['float']:.4f}; {result['units']} decision units)")
+        lines += [title, "", "| kind | budget | effective bits | value |", "|---|---|---|---|"]
         for p in sorted(result["points"], key=lambda p: (p["bits"], p["kind"])):
             budget = "-" if p["budget"] is None else f"{p['budget']:.1f}"
             lines.append(f"| {p['kind']} | {budget} | {p['bits']:.3f} | {p['value']:.4f} |")

@@ -141,7 +141,8 @@ def format_report(rows: list[SiteRow], effective_bits: float | None = None) -> s
               for status in ("quantized", "excluded", "unsupported")}
     summary = f"{len(rows)} sites: " + ", ".join(f"{n} {status}" for status, n in counts.items())
     if effective_bits is not None:
-        summary += f"; {effective_bits:.2f} effective bits per weight (scales included, float 16, excluded sites not counted)"
+        summary += (f"; {effective_bits:.2f} effective bits per weight (scales included, "
+                    "float 16, excluded sites not counted)")
     return "\n".join([*lines, summary])
 
 

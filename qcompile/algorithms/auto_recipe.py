@@ -152,6 +152,8 @@ def auto_recipe(
             products not quantized.
         divergence: "kl" on logits (`select_logits`) or "mse" for outputs that are not logits.
         calibration: the calibration method of each format (see `qcompile.calibrate`).
+        progress: progress bars over the calibration and scoring passes.
+        seed: seeds the gradient method's probes (sampled labels, Gaussian directions).
 
     The returned recipe has one override per searched site (the format's `SiteSpecs`, or None
     for float); its `search` attribute (`SearchResult`) holds the scores, sizes and timings.
@@ -213,14 +215,16 @@ def auto_recipe(
     scorer = next((m for name, m in prepared.items() if keys[name] >= needed), None)
     if scorer is None:
         t0 = time.perf_counter()
-        probe = SiteSpecs(weight=QuantSpec("fp8", dynamic=True), input=QuantSpec("fp8", dynamic=True))
+        fp8 = QuantSpec("fp8", dynamic=True)
+        probe = SiteSpecs(weight=fp8, input=fp8)
         scorer = prepare(model, Recipe("auto-scoring", probe, quantize_matmul=base.quantize_matmul,
                                        exclude=(), overrides=()), example_inputs, example_kwargs)
         seconds["prepare scoring model"] = time.perf_counter() - t0
     del prepared
 
     t0 = time.perf_counter()
-    taps = {(e.site.name, e.role): e.quantizer for e in site_quantizers(scorer) if e.site is not None}
+    taps = {(e.site.name, e.role): e.quantizer
+            for e in site_quantizers(scorer) if e.site is not None}
     scorer_state = _ScoringModel(scorer, taps, alternatives)
     try:
         if method == "gradient":
@@ -443,7 +447,7 @@ def _blocked(quantizer: Quantizer) -> bool:
     return get_format(spec.format).resolve_block_size(spec.block_size) is not None
 
 
-def _output(output, divergence: str) -> torch.Tensor:
+def _output(output) -> torch.Tensor:
     return select_logits(output).float()
 
 
@@ -453,12 +457,13 @@ def _divergence(reference: torch.Tensor, output: torch.Tensor, divergence: str) 
     return torch.nn.functional.mse_loss(output.float(), reference.float())
 
 
-def _probe_loss(output, batch, loss_fn, divergence: str, generator: torch.Generator) -> torch.Tensor:
+def _probe_loss(output, batch, loss_fn, divergence: str,
+                generator: torch.Generator) -> torch.Tensor:
     """A loss whose squared gradient estimates the Fisher information of the divergence:
     a label sampled from the model's own softmax (KL), a Gaussian direction (MSE)."""
     if loss_fn is not None:
         return loss_fn(output, batch)
-    out = _output(output, divergence)
+    out = _output(output)
     if divergence == "kl":
         probs = torch.softmax(out.detach(), dim=-1).reshape(-1, out.shape[-1])
         labels = torch.multinomial(probs.cpu(), 1, generator=generator).reshape(-1).to(out.device)
@@ -520,7 +525,7 @@ def _score_kl(scorer: _ScoringModel, units, batches, loss_fn, divergence, progre
             references = [scorer(batch) for batch in batches]
             base_losses = ([float(loss_fn(r, b)) for r, b in zip(references, batches)]
                            if loss_fn is not None else None)
-            references = [_output(r, divergence) for r in references]
+            references = [_output(r) for r in references]
             with tqdm(total=passes * len(batches), desc="auto_recipe: scoring (kl)",
                       unit="batch", disable=not progress) as bar:
                 for unit in units:
@@ -533,7 +538,7 @@ def _score_kl(scorer: _ScoringModel, units, batches, loss_fn, divergence, progre
                             if loss_fn is not None:
                                 score = float(loss_fn(output, batch)) - base_losses[i]
                             else:
-                                score = float(_divergence(references[i], _output(output, divergence),
+                                score = float(_divergence(references[i], _output(output),
                                                           divergence))
                             unit.scores[choice] += score
                             bar.update()

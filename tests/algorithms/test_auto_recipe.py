@@ -23,7 +23,8 @@ WIDTH = 32
 class Attention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(WIDTH, WIDTH) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nn.Linear(WIDTH, WIDTH) for _ in range(4))
 
     def forward(self, x):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -270,7 +271,8 @@ def test_kl_scores_equal_the_divergence_of_a_model_with_that_site_alone_quantize
     units = {unit.name: unit for unit in recipe.search.units}
     # P @ V reduces over 8 positions: no MX block of 32 fits, so that product is not searched
     assert "layers.0.self_attn.matmul_1" not in units
-    for site, fmt in [("layers.0.self_attn.matmul_0", "mxfp4"), ("layers.1.self_attn.o_proj", "mxfp8"),
+    for site, fmt in [("layers.0.self_attn.matmul_0", "mxfp4"),
+                      ("layers.1.self_attn.o_proj", "mxfp8"),
                       ("layers.0.self_attn.matmul_0", "mxfp8")]:
         specs = RECIPES[fmt].linear
         if "matmul" in site:
