@@ -76,8 +76,9 @@ def run_model(name: str, model, calibration, evaluate, divergence: str, args) ->
         return row, calib
 
     float_value = evaluate(model)
-    for fmt in FORMATS:
-        _, seconds[f"calibrate {fmt}"] = point(fmt, fmt)
+    for fmt in FORMATS:  # as auto_recipe's default base: Linear sites only, attention in float
+        uniform = qc.RECIPES[fmt].with_(quantize_matmul=False)
+        _, seconds[f"calibrate {fmt}"] = point(fmt, uniform)
 
     def loss(output):
         out = output.float()
@@ -170,9 +171,8 @@ def summary(result: dict, at: float = 6.0) -> dict:
 
 
 def markdown(results: list[dict], command: str, args) -> str:
-    machine = (f"CPU: {cpu_model()}, shared with other jobs (2 cores, ~7 engineers); "
-               f"calibration/scoring batches: {args.calibration_batches}; torch threads: "
-               f"{args.threads or 'default'}. Budgets re-solved from one scoring pass per method.")
+    machine = (f"CPU: {cpu_model()}, shared with other jobs (2 cores, ~7 engineers, load "
+               "10-15 during the runs). Budgets re-solved from one scoring pass per method.")
     lines = [f"`{command}`", "", machine, ""]
     for result in results:
         better = "lower" if lower_is_better(result) else "higher"
@@ -217,8 +217,7 @@ def plot(results: list[dict], path: Path) -> None:
         for kind, (color, style) in styles.items():
             pts = sorted((p["bits"], p["value"]) for p in result["points"] if p["kind"] == kind)
             if pts:
-                ax.plot(*zip(*pts), style, color=color, label=kind,
-                        linestyle="none" if kind in ("random", "nvfp4", "fp8") else None)
+                ax.plot(*zip(*pts), style, color=color, label=kind)
         ax.axhline(result["float"], color="black", linestyle=":", label="float")
         ax.set_xlabel("effective bits per weight")
         ax.set_ylabel("val perplexity" if lower_is_better(result) else "mean cosine to float")
