@@ -561,7 +561,9 @@ def solve(units: list[Unit], candidates: dict, fixed_bits: Fraction, total: int,
                for unit in units]
     costs = [[unit.size * _bits(candidates[c or "float"]) for c in opts]
              for unit, opts in zip(units, options)]
-    capacity = Fraction(effective_bits) * total - fixed_bits
+    # the budget as the nearest simple fraction: 4.5 + 3584 / 49152 computed in floats may
+    # land a hair below the exact value, which would shut out a choice that fits exactly
+    capacity = Fraction(effective_bits).limit_denominator(10**9) * total - fixed_bits
     capacity -= sum(min(c) for c in costs)
     extra = [[c - min(cs) for c in cs] for cs in costs]
     # Every sum of costs is a multiple of 1/denominator and of step/denominator, so flooring
