@@ -183,10 +183,11 @@ def auto_recipe(
     units, fixed_bits, total = _units(model_sites(next(iter(prepared.values()))), base)
     keys = {name: {(e.site.name, e.role) for e in site_quantizers(m) if e.site is not None}
             for name, m in prepared.items()}
+    quantized = {name: {site for site, _ in found} for name, found in keys.items()}
     unquantizable = []  # no candidate fits (shapes): float, as prepare leaves such sites
     for unit in units:
         for name in prepared:
-            if all(any(key[0] == site.name for key in keys[name]) for site in unit.sites):
+            if all(site.name in quantized[name] for site in unit.sites):
                 unit.scores[name] = 0.0
         if "float" in candidates:
             unit.scores[None] = 0.0
