@@ -56,6 +56,9 @@ class Site:
     reduction_axes: dict[str, int] = field(default_factory=dict)
     #: K, the length of the reduced axis; None where it is dynamic or unknown.
     reduction_size: int | None = None
+    #: Number of elements of the weight of a Linear/conv site (None for an activation-activation
+    #: matmul, or where the shape is unknown): what effective-bits budgets count.
+    weight_size: int | None = None
 
 
 @dataclass(frozen=True)
