@@ -50,6 +50,15 @@ class Site:
     reduction_axes: dict[str, int] = field(default_factory=dict)
     #: K, the length of the reduced axis; None where it is dynamic or unknown.
     reduction_size: int | None = None
+    #: Path of the parameter the site's weight is read from (a Linear's `<module>.weight`,
+    #: a fused-experts `<module>.gate_up_proj`); None for activation matmuls or unknown.
+    weight: str | None = None
+    #: Which expert's slice `weight[expert]` the site multiplies by (3-D expert weights).
+    expert: int | None = None
+    #: Elements of the weight the site multiplies by (one expert's slice for an expert).
+    weight_size: int = 0
+    #: A MoE router: its output picks the experts (stays float unless an override names it).
+    router: bool = False
 
 
 @dataclass(frozen=True)
