@@ -107,6 +107,46 @@ def site_quantizers(model: nn.Module, *, unique: bool = True) -> list[SiteQuanti
     return list(found.values())
 
 
+@dataclass(frozen=True)
+class WeightCoverage:
+    """How much of a model's matmul weights (the weights of Linear, convolution and expert
+    sites, and of products listed as unsupported; embedding lookups aside) is quantized, in
+    elements. `floating` lists each weight left in float: (site name, elements, reason)."""
+
+    quantized: int
+    total: int
+    floating: tuple[tuple[str, int, str], ...]
+
+    @property
+    def fraction(self) -> float:
+        return self.quantized / self.total if self.total else 1.0
+
+    def describe(self) -> str:
+        """e.g. "matmul weights quantized: 97.3% (81,920 of 84,224 elements)"."""
+        return (f"matmul weights quantized: {100 * self.fraction:.1f}% "
+                f"({self.quantized:,} of {self.total:,} elements)")
+
+
+def weight_coverage(sites: list[Site]) -> WeightCoverage:
+    """The `WeightCoverage` of these sites; a weight several sites use (tied, shared) counts
+    once, as quantized if any site quantizes it."""
+    sizes: dict[tuple, int] = {}
+    quantized: set[tuple] = set()
+    reasons: dict[tuple, tuple[str, str]] = {}
+    for site in sites:
+        if site.kind is SiteKind.MATMUL or not site.weight_size:
+            continue
+        key = (site.weight or site.name, site.expert)
+        sizes[key] = site.weight_size
+        if site.status is SiteStatus.QUANTIZED and "weight" in site.specs:
+            quantized.add(key)
+        else:
+            reason = site.reason or "the recipe quantizes no weight"
+            reasons.setdefault(key, (site.name, reason))
+    floating = tuple((reasons[k][0], sizes[k], reasons[k][1]) for k in reasons if k not in quantized)
+    return WeightCoverage(sum(sizes[k] for k in quantized), sum(sizes.values()), floating)
+
+
 def _role_from_path(path: str) -> str:
     attribute = path.rsplit(".", 1)[-1]
     return next((role for role in ROLES if role in attribute), "input")

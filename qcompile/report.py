@@ -2,7 +2,8 @@
 
 This module owns what a user reads about a prepared model: each site's name, op kind, the
 format of each quantized input, the calibrated amax (or why there is none), and whether the
-site is quantized, excluded or unsupported, with the reason. It reads `model.qcompile_sites`
+site is quantized, excluded or unsupported, with the reason, and the fraction of matmul
+weight elements quantized. It reads `model.qcompile_sites`
 and the quantizers' state; it changes nothing and knows nothing of how the model was built.
 """
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from qcompile.core.formats import get_format
 from qcompile.core.quantizer import Granularity, Quantizer
-from qcompile.passes.sites import model_sites, site_quantizers
+from qcompile.passes.sites import WeightCoverage, model_sites, site_quantizers, weight_coverage
 
 NONE = "-"
 
@@ -38,12 +39,14 @@ class Report:
     """The rows of `report(model)`; `str()` (and the REPL) show them as an aligned table."""
 
     rows: list[SiteRow]
+    #: The fraction of matmul weight elements quantized (None for an unprepared module).
+    coverage: WeightCoverage | None = None
 
     def as_dicts(self) -> list[dict[str, str]]:
         return [asdict(row) for row in self.rows]
 
     def __str__(self) -> str:
-        return format_report(self.rows)
+        return format_report(self.rows, self.coverage)
 
     __repr__ = __str__
 
@@ -105,8 +108,9 @@ def report_rows(model: nn.Module) -> list[SiteRow]:
     ]
 
 
-def format_report(rows: list[SiteRow]) -> str:
-    """An aligned text table of `rows` with a header and a one-line summary."""
+def format_report(rows: list[SiteRow], coverage: WeightCoverage | None = None) -> str:
+    """An aligned text table of `rows` with a header and a summary line (with the weight
+    coverage, where given)."""
     header = [f.name for f in fields(SiteRow)]
     table = [header] + [[getattr(row, name) for name in header] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -115,9 +119,13 @@ def format_report(rows: list[SiteRow]) -> str:
     counts = {status: sum(row.status == status for row in rows)
               for status in ("quantized", "excluded", "unsupported")}
     summary = f"{len(rows)} sites: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+    if coverage is not None and coverage.total:
+        summary += f"; {coverage.describe()}"
     return "\n".join([*lines, summary])
 
 
 def report(model: nn.Module) -> Report:
-    """The sites of a prepared model, their formats, amax and status; print it for a table."""
-    return Report(report_rows(model))
+    """The sites of a prepared model, their formats, amax and status, and the fraction of its
+    matmul weight elements that is quantized (`.coverage`); print it for a table."""
+    sites = model_sites(model)
+    return Report(report_rows(model), None if sites is None else weight_coverage(sites))
