@@ -387,14 +387,21 @@ def test_non_tensor_outputs_keep_their_structure():
     assert x.grad is not None and prepared.get_parameter("fc.weight").grad is not None
 
 
+class Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(DIM, DIM)
+        self.classifier = nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.fc1(x)))
+
+
 def test_excluding_much_of_the_weights_warns_naming_them_but_output_heads_do_not():
     with pytest.warns(qc.PrepareWarning, match=r"50.0% of the matmul weight elements stay float "
                       r"\(1 weights; matmul weights quantized: 50.0% .*fc2 \(16,384\): excluded"):
         qc.prepare(_mlp(), qc.get_recipe("int8").with_(exclude=["fc2"]), (_x(),))
-    model = _mlp()
-    model.classifier = model.fc2  # an output head: float by default, no warning
-    del model.fc2
-    model.forward = lambda x: model.classifier(torch.relu(model.fc1(x)))
+    model = Classifier().eval()  # its head is float by default: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepared = qc.prepare(model, "int8", (_x(),))
