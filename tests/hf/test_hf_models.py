@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qcompile.core.quantizer import Quantizer
@@ -170,3 +171,173 @@ def test_all_minilm_l6_v2():
     out = prepared(**inputs).last_hidden_state
     cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
     assert 0.99 < cosine < 1.0
+
+
+# --- coverage (#24): every matmul weight of every family quantized, or listed with a reason ---
+
+DECODER = dict(vocab_size=100, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+               intermediate_size=128)
+
+
+def _decoder(config_class, model_class, **extra):
+    def build():
+        config = getattr(transformers, config_class)(**{**DECODER, **extra})
+        return getattr(transformers, model_class)(config)
+    return build
+
+
+def _encoder(config_class, model_class, **extra):
+    def build():
+        config = getattr(transformers, config_class)(**{**SMALL, "num_hidden_layers": 2, **extra})
+        return getattr(transformers, model_class)(config)
+    return build
+
+
+def _gpt2_family():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_embd=64,
+                                                                n_layer=2, n_head=4))
+
+
+def _t5_encoder():
+    config = transformers.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                   num_heads=4)
+    return transformers.T5EncoderModel(config)
+
+
+def _pixels(batch=2, size=32, seed=1):
+    return {"pixel_values": torch.randn(batch, 3, size, size,
+                                        generator=torch.Generator().manual_seed(seed))}
+
+
+VISION = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+              image_size=32, patch_size=8)
+MOE = dict(num_key_value_heads=2, num_experts_per_tok=2)
+
+#: name -> (build, kind of inputs: "causal", "encoder" or "pixels")
+FAMILIES = {
+    "bert": (_encoder("BertConfig", "BertModel"), "encoder"),
+    "roberta": (_encoder("RobertaConfig", "RobertaModel", pad_token_id=1), "encoder"),
+    "gpt2": (_gpt2_family, "causal"),
+    "opt": (_decoder("OPTConfig", "OPTForCausalLM", ffn_dim=128, word_embed_proj_dim=64,
+                     intermediate_size=None), "causal"),
+    "bloom": (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=100, hidden_size=64, n_head=4, n_layer=2)), "causal"),
+    "llama": (_decoder("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2), "causal"),
+    "mistral": (_decoder("MistralConfig", "MistralForCausalLM", num_key_value_heads=2), "causal"),
+    "qwen2": (_decoder("Qwen2Config", "Qwen2ForCausalLM", num_key_value_heads=2), "causal"),
+    "qwen3": (_decoder("Qwen3Config", "Qwen3ForCausalLM", num_key_value_heads=2, head_dim=16),
+              "causal"),
+    "phi3": (_decoder("Phi3Config", "Phi3ForCausalLM", num_key_value_heads=2, pad_token_id=0),
+             "causal"),
+    "gemma2": (_decoder("Gemma2Config", "Gemma2ForCausalLM", num_key_value_heads=2, head_dim=16),
+               "causal"),
+    "gpt_neox": (_decoder("GPTNeoXConfig", "GPTNeoXForCausalLM"), "causal"),
+    "falcon": (lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=100, hidden_size=64, num_attention_heads=4, num_hidden_layers=2)), "causal"),
+    "mixtral": (_decoder("MixtralConfig", "MixtralForCausalLM", num_local_experts=4,
+                         intermediate_size=32, **MOE), "causal"),
+    "qwen3_moe": (_decoder("Qwen3MoeConfig", "Qwen3MoeForCausalLM", num_experts=4,
+                           moe_intermediate_size=32, head_dim=16, **MOE), "causal"),
+    "olmoe": (_decoder("OlmoeConfig", "OlmoeForCausalLM", num_experts=4, intermediate_size=32,
+                       **MOE), "causal"),
+    "t5_encoder": (_t5_encoder, "encoder"),
+    "vit": (lambda: transformers.ViTModel(transformers.ViTConfig(**VISION)), "pixels"),
+    "clip_vision": (lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)),
+                    "pixels"),
+}
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
+
+
+def _family_inputs(kind, batch=2, length=8, seed=1):
+    if kind == "pixels":
+        return _pixels(batch, seed=seed)
+    torch.manual_seed(seed)
+    return _inputs(batch, length, causal=kind == "causal")
+
+
+def _output(out):
+    for key in ("logits", "last_hidden_state"):
+        if key in out:
+            return out[key]
+    raise AssertionError(f"no logits or hidden state in {list(out)}")
+
+
+def _default_float(site):
+    return site.reason.startswith(("output head", "MoE router"))
+
+
+def _coverage_without_heads(sites):
+    """Quantized / all matmul weight elements, output heads and routers aside."""
+    from qcompile.passes.sites import weight_coverage
+    return weight_coverage([s for s in sites if not _default_float(s)]).fraction
+
+
+def _matmul_weights(model):
+    """Independently of the passes: the parameters the model's modules multiply by (Linear and
+    its subclasses, GPT-2's Conv1D, convolutions, fused experts' 3-D weights, routers)."""
+    conv1d = transformers.pytorch_utils.Conv1D
+    found = set()
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if isinstance(module, (nn.Linear, conv1d, nn.Conv2d)) or type(module).__name__.endswith(
+            ("TopKRouter", "Router")
+        ):
+            found.add(prefix + "weight")
+        for name in ("gate_up_proj", "up_proj", "down_proj"):
+            if getattr(getattr(module, name, None), "ndim", 0) == 3:
+                found.add(prefix + name)
+    return found
+
+
+def _prepare_family(name, recipe="int8"):
+    build, kind = FAMILIES[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    prepared = prepare(model, recipe, example_kwargs=_family_inputs(kind))
+    return model, prepared, kind
+
+
+def _check_family_sites(model, prepared):
+    sites = prepared.qcompile_sites
+    assert _coverage_without_heads(sites) >= 0.99, str(qc_report(prepared))
+    listed = {s.weight for s in sites if s.weight is not None}
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)
+            if any(p is q for q in model.get_input_embeddings().parameters())}
+    missing = _matmul_weights(model) - listed - tied
+    assert not missing, f"weights multiplied but not listed: {sorted(missing)}"
+    for site in sites:
+        if site.status is not SiteStatus.QUANTIZED and site.kind is not SiteKind.MATMUL:
+            assert site.reason and (_default_float(site) or site.status is SiteStatus.UNSUPPORTED)
+    return sites
+
+
+def qc_report(prepared):
+    from qcompile.report import report
+    return report(prepared)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n not in ("falcon", "mixtral")])
+def test_family_weights_quantized_and_int8_close(name):
+    _family_check(name)
+
+
+@pytest.mark.parametrize("name", ["falcon", "mixtral"])
+def test_family_weights_quantized_and_int8_close_fast(name):
+    """The two families of the #24 sweep that had holes (FalconLinear, fused experts)."""
+    _family_check(name)
+
+
+def _family_check(name):
+    model, prepared, kind = _prepare_family(name)
+    _check_family_sites(model, prepared)
+    calibrate_max(prepared, _family_inputs(kind))
+    other = _family_inputs(kind, batch=3, seed=2)
+    with torch.no_grad():
+        reference, out = _output(model(**other)), _output(prepared(**other))
+    cosine = F.cosine_similarity(out.flatten().double(), reference.flatten().double(), dim=0)
+    assert 0.99 < cosine < 1.0 - 1e-7, cosine  # close to float, and visibly quantized
+    model, prepared, kind = _prepare_family(name, "nvfp4")
+    calibrate_max(prepared, _family_inputs(kind))
+    with torch.no_grad():
+        assert _output(prepared(**other)).isfinite().all()
