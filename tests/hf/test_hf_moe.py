@@ -100,6 +100,7 @@ def test_each_expert_is_a_site_with_its_own_weight_scales(model, int8):
         np.testing.assert_array_equal(y.numpy(), reference)
 
 
+@pytest.mark.slow
 def test_nvfp4_global_scale_is_per_expert(model):
     prepared = prepare(model, "nvfp4", example_kwargs=_ids())
     quantizer = prepared.get_submodule("model.layers.0.mlp.experts.1.gate_up_proj.weight_quantizer")
@@ -110,8 +111,8 @@ def test_nvfp4_global_scale_is_per_expert(model):
     assert not np.array_equal(got, whole)
 
 
-def test_expert_without_calibration_tokens_gets_the_layers_max(model):
-    prepared = prepare(model, "int8", example_kwargs=_ids())
+def test_expert_without_calibration_tokens_gets_the_layers_max(int8):
+    prepared = int8
     same = torch.full((1, 2), 7)  # two identical tokens: both routed to the same 2 experts
     with pytest.warns(CalibrationWarning, match=r"4 MoE expert quantizers received no "
                                                 r"calibration tokens.*max amax"):
@@ -149,6 +150,7 @@ def test_qat_gradient_reaches_every_expert_that_received_tokens(model, int8):
     int8.zero_grad()
 
 
+@pytest.mark.slow
 def test_an_override_quantizes_the_router(model):
     spec = qc.QuantSpec("int8", axis=0, dynamic=True)
     recipe = qc.get_recipe("int8").with_(overrides={"*.mlp.gate": SiteSpecs(weight=spec)})
