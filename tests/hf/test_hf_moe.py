@@ -160,3 +160,18 @@ def test_an_override_quantizes_the_router(model):
     router = next(s for s in prepared.qcompile_sites if s.name == "model.layers.0.mlp.gate")
     assert router.status is SiteStatus.QUANTIZED and list(router.quantizers) == ["weight"]
     assert router.kind is SiteKind.LINEAR
+
+
+@pytest.mark.slow
+def test_checkpoint_round_trip_keeps_every_expert(model, int8, tmp_path):
+    from qcompile import hf
+
+    qc.calibrate(int8, [_ids(seed=s) for s in range(3)], progress=False)
+    hf.save_quantized(int8, tmp_path, config=model.config)
+    loaded = hf.load_quantized(tmp_path)
+    names = [s.name for s in loaded.qcompile_sites]
+    assert names == [s.name for s in int8.qcompile_sites]
+    assert "model.layers.0.mlp.experts.3.down_proj" in names
+    with torch.no_grad():
+        assert torch.equal(loaded(**_ids(batch=3, seed=9)).logits,
+                           int8(**_ids(batch=3, seed=9)).logits)
