@@ -330,7 +330,11 @@ def test_falcon_linear_subclass_is_quantized():
 
 def _family_check(name):
     model, prepared, kind = _prepare_family(name)
-    _check_family_sites(model, prepared)
+    sites = _check_family_sites(model, prepared)
+    routers = {s.name for s in sites if s.router}
+    assert routers == ({f"model.layers.{i}.mlp.gate" for i in range(2)}
+                       if name in MOE_FAMILIES else set())
+    assert all(s.status is SiteStatus.EXCLUDED for s in sites if s.router)
     calibrate_max(prepared, _family_inputs(kind))
     other = _family_inputs(kind, batch=3, seed=2)
     with torch.no_grad():
