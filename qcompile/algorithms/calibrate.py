@@ -35,7 +35,7 @@ from qcompile.algorithms.observers import (
     get_observer_class,
 )
 from qcompile.core.quantizer import Quantizer
-from qcompile.passes.sites import SiteQuantizer, site_quantizers
+from qcompile.passes.sites import SiteQuantizer, model_sites, site_quantizers
 
 
 @contextmanager
@@ -106,7 +106,7 @@ def calibrate(
 
     entries = site_quantizers(model)
     quantizers = [(entry.label, entry.quantizer) for entry in entries]
-    sites = getattr(model, "qcompile_sites", None)
+    sites = model_sites(model)
     if not quantizers and sites:
         reasons = "; ".join(f"{s.name}: {s.status.value}, {s.reason}" for s in sites[:4])
         raise ValueError(
