@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcompile.core.quantizer import Quantizer
-from qcompile.passes.sites import SiteKind, SiteStatus
+from qcompile.passes.sites import SiteKind, SiteStatus, model_sites
 from qcompile.prepare import prepare
 from qcompile.recipe import RECIPES
 
@@ -75,7 +75,7 @@ def _linear_paths(model):
 
 
 def _check_sites(model, prepared, head):
-    sites = prepared.qcompile_sites
+    sites = model_sites(prepared)
     linears = [s.name for s in sites if s.kind is SiteKind.LINEAR]
     assert sorted(linears) == sorted(_linear_paths(model))
     matmuls = [s for s in sites if s.kind is SiteKind.MATMUL]
@@ -113,7 +113,7 @@ def test_sites_and_int8_closeness(name, build, head, attn):
 def test_bert_linears_per_layer_and_pooler():
     model = _bert("sdpa").eval()
     prepared = prepare(model, "nvfp4", example_kwargs=_inputs())
-    sites = {s.name: s for s in prepared.qcompile_sites}
+    sites = {s.name: s for s in model_sites(prepared)}
     assert len([s for s in sites.values() if s.kind is SiteKind.LINEAR]) == 6 * 2 + 1
     assert "encoder.layer.0.attention.self.query" in sites and "pooler.dense" in sites
     matmul = sites["encoder.layer.1.attention.self.matmul_1"]
@@ -125,7 +125,7 @@ def test_bert_linears_per_layer_and_pooler():
 def test_gpt2_conv1d_weights_are_per_output_channel():
     model = _gpt2("eager").eval()
     prepared = prepare(model, "int8", example_kwargs=_inputs(causal=True))
-    c_attn = next(s for s in prepared.qcompile_sites if s.name == "transformer.h.0.attn.c_attn")
+    c_attn = next(s for s in model_sites(prepared) if s.name == "transformer.h.0.attn.c_attn")
     assert c_attn.status is SiteStatus.QUANTIZED and c_attn.reduction_size == 64
     weight_quantizer = prepared.get_submodule(c_attn.quantizers["weight"])
     assert weight_quantizer.spec.axis == 0  # of the transposed [out=192, in=64] weight
@@ -144,7 +144,7 @@ def test_every_recipe_is_finite_on_llama(recipe):
     prepared = prepare(model, recipe, example_kwargs=_inputs(causal=True))
     calibrate_max(prepared, _inputs(causal=True))
     assert prepared(**_inputs(causal=True)).logits.isfinite().all()
-    assert any(s.status is SiteStatus.QUANTIZED for s in prepared.qcompile_sites)
+    assert any(s.status is SiteStatus.QUANTIZED for s in model_sites(prepared))
 
 
 def _minilm_dir():
@@ -163,7 +163,7 @@ def test_all_minilm_l6_v2():
     start = time.perf_counter()
     prepared = prepare(model, "fp8", example_kwargs=inputs)
     assert time.perf_counter() - start < 60
-    sites = prepared.qcompile_sites
+    sites = model_sites(prepared)
     assert len([s for s in sites if s.kind is SiteKind.LINEAR]) == 6 * 6 + 1
     assert len([s for s in sites if s.kind is SiteKind.MATMUL and s.status is SiteStatus.QUANTIZED]) == 12
     calibrate_max(prepared, inputs)
@@ -298,7 +298,7 @@ def _prepare_family(name, recipe="int8"):
 
 
 def _check_family_sites(model, prepared):
-    sites = prepared.qcompile_sites
+    sites = model_sites(prepared)
     assert _coverage_without_heads(sites) >= 0.99, str(qc_report(prepared))
     listed = {s.weight for s in sites if s.weight is not None}
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)

@@ -11,7 +11,7 @@ import torch
 import qcompile as qc
 from qcompile.algorithms.data import CalibrationWarning
 from qcompile.passes.experts import experts_loop_forward, is_fused_experts
-from qcompile.passes.sites import SiteKind, SiteStatus, site_quantizers
+from qcompile.passes.sites import SiteKind, SiteStatus, model_sites, site_quantizers
 from qcompile.prepare import prepare
 from qcompile.recipe import SiteSpecs
 from tests.references import ml_dtypes_fake_quantize
@@ -71,7 +71,7 @@ def test_capture_loop_equals_each_experts_implementation(implementation):
 
 
 def test_each_expert_is_a_site_with_its_own_weight_scales(model, int8):
-    sites = {s.name: s for s in int8.qcompile_sites}
+    sites = {s.name: s for s in model_sites(int8)}
     for e in range(EXPERTS):
         for param in ("gate_up_proj", "down_proj"):
             site = sites[f"model.layers.0.mlp.experts.{e}.{param}"]
@@ -157,7 +157,7 @@ def test_an_override_quantizes_the_router(model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = prepare(model, recipe, example_kwargs=_ids())
-    router = next(s for s in prepared.qcompile_sites if s.name == "model.layers.0.mlp.gate")
+    router = next(s for s in model_sites(prepared) if s.name == "model.layers.0.mlp.gate")
     assert router.status is SiteStatus.QUANTIZED and list(router.quantizers) == ["weight"]
     assert router.kind is SiteKind.LINEAR
 
@@ -169,8 +169,8 @@ def test_checkpoint_round_trip_keeps_every_expert(model, int8, tmp_path):
     qc.calibrate(int8, [_ids(seed=s) for s in range(3)], progress=False)
     hf.save_quantized(int8, tmp_path, config=model.config)
     loaded = hf.load_quantized(tmp_path)
-    names = [s.name for s in loaded.qcompile_sites]
-    assert names == [s.name for s in int8.qcompile_sites]
+    names = [s.name for s in model_sites(loaded)]
+    assert names == [s.name for s in model_sites(int8)]
     assert "model.layers.0.mlp.experts.3.down_proj" in names
     with torch.no_grad():
         assert torch.equal(loaded(**_ids(batch=3, seed=9)).logits,
