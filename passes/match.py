@@ -7,7 +7,14 @@ that contracts one index, the two products inside `scaled_dot_product_attention`
 convolution (conv1d/conv2d). Names come from `node.meta["nn_module_stack"]`: a module's only
 Linear is named by the module path (`encoder.layer.0.attention.self.query`), otherwise
 `<path>.<kind>_<i>` in graph order (`encoder.layer.0.attention.self.matmul_0`).
-`assign_specs` applies a `Recipe`. Neither changes the graph.
+A Linear whose weight is one expert's slice `W[e]` of a 3-D parameter (fused MoE experts, see
+`passes.experts`) is named `<experts module>.<e>.<parameter>`
+(`model.layers.0.mlp.experts.3.gate_up_proj`). Each weight site records its parameter's path,
+expert and size (`Site.weight`, `.expert`, `.weight_size`), and a Linear whose output feeds a
+top-k is flagged as a MoE router. Every other parameter of 2+ dimensions that feeds a product
+becomes an UNSUPPORTED site named by its path, so no multiplied weight goes unlisted.
+`assign_specs` applies a `Recipe` (routers stay float unless an override names them).
+Neither changes the graph.
 """
 
 from __future__ import annotations

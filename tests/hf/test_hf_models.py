@@ -246,6 +246,9 @@ FAMILIES = {
                     "pixels"),
 }
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
+#: Also checked finite at nvfp4 here (one per kind of weight site; every family is in
+#: bench/coverage_table.py, and Llama at every recipe above), to keep the suite's time down.
+NVFP4_FAMILIES = ("falcon", "gpt2", "mixtral", "t5_encoder", "vit")
 
 
 def _family_inputs(kind, batch=2, length=8, seed=1):
@@ -341,6 +344,8 @@ def _family_check(name):
         reference, out = _output(model(**other)), _output(prepared(**other))
     cosine = F.cosine_similarity(out.flatten().double(), reference.flatten().double(), dim=0)
     assert 0.99 < cosine < 1.0 - 1e-7, cosine  # close to float, and visibly quantized
+    if name not in NVFP4_FAMILIES:
+        return
     model, prepared, kind = _prepare_family(name, "nvfp4")
     calibrate_max(prepared, _family_inputs(kind))
     with torch.no_grad():
