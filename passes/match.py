@@ -82,7 +82,7 @@ def activations(graph: fx.Graph) -> set[fx.Node]:
     return found
 
 
-def _module_path(node: fx.Node) -> str:
+def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
@@ -148,7 +148,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_function":
-            path = _module_path(node)
+            path = module_path(node)
             found += [(node, path, *d) for d in _describe(gm, node, data)]
     counts = defaultdict(int)
     for _, path, kind, _, _ in found:
