@@ -175,10 +175,8 @@ def _with_weight(gm: fx.GraphModule, node: fx.Node, site: Site) -> Site:
     """`site` with its weight's parameter, expert and size; an expert's slice named
     `<experts module>.<expert>.<parameter>` (`model.layers.0.mlp.experts.3.gate_up_proj`),
     and a router flagged."""
-    operand = node.args[1]
-    source = weight_source(gm, operand)
-    dims = shape(operand)
-    size = math.prod(int(d) for d in dims) if dims and all(is_concrete_int(d) for d in dims) else 0
+    source = weight_source(gm, node.args[1])
+    size = _weight_size(node, site.kind)
     router = site.kind is SiteKind.LINEAR and _feeds_routing(node)
     if source is None:
         return replace(site, weight_size=size, router=router)
@@ -258,6 +256,16 @@ def _consumers(param: fx.Node) -> list[fx.Node]:
             elif is_target(user.target, PASS_THROUGH_OPS) and user.args and user.args[0] is node:
                 stack.append(user)
     return found
+
+
+def _weight_size(node: fx.Node, kind: SiteKind) -> int | None:
+    """Elements of the weight operand of a Linear/conv node, where its shape is known."""
+    if kind is SiteKind.MATMUL:
+        return None
+    dims = shape(get_operand(node.args, operand_positions(node)["weight"]))
+    if dims is None or not all(is_concrete_int(d) for d in dims):
+        return None
+    return math.prod(int(d) for d in dims)
 
 
 def assign_specs(sites: list[Site], recipe: Recipe) -> list[Site]:

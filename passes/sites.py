@@ -59,8 +59,10 @@ class Site:
     weight: str | None = None
     #: Which expert's slice `weight[expert]` the site multiplies by (3-D expert weights).
     expert: int | None = None
-    #: Elements of the weight the site multiplies by (one expert's slice for an expert).
-    weight_size: int = 0
+    #: Number of elements of the weight of a Linear/conv site (one expert's slice for an
+    #: expert; None for an activation-activation matmul, or where the shape is unknown): what
+    #: effective-bits budgets and the weight coverage count.
+    weight_size: int | None = None
     #: A MoE router: its output picks the experts (stays float unless an override names it).
     router: bool = False
 
