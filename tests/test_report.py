@@ -111,5 +111,5 @@ def test_weight_coverage_counts_elements_once_per_weight_and_expert():
     assert coverage.fraction == 0.7
     assert coverage.floating == (("e.1.up", 100, "K=7 is not a multiple"),
                                  ("lm_head", 200, "output head"))
-    assert str(report(model)).splitlines()[-1].endswith(
-        "; matmul weights quantized: 70.0% (700 of 1,000 elements)")
+    assert "; matmul weights quantized: 70.0% (700 of 1,000 elements)" in str(
+        report(model)).splitlines()[-1]
