@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 
 from qcompile.core.calls import describe_call, model_dtype_device
 from qcompile.passes._fx import get_operand, operand_positions
+from qcompile.passes.experts import capturable_experts
 
 #: Frames in these directories are ours or torch's, never the construct to report.
 _LIBRARY_DIRS = tuple(
@@ -65,6 +66,7 @@ def capture(
     with ThreadPoolExecutor(max_workers=1) as pool:
         copies = pool.submit((lambda _: {}) if share_tensors else _copy_tensors, model)
         structure = _structure_copy(model).train()
+        capturable_experts(structure)
         try:
             return _own_tensors(_export(structure, args, kwargs, dynamic), copies)
         except Exception as error:  # noqa: BLE001 - every export failure is explained

@@ -50,9 +50,9 @@ from qcompile.passes.devices import retarget_devices
 from qcompile.passes.insert import insert_quantizers
 from qcompile.passes.kv_cache import kv_cache_sites
 from qcompile.passes.match import assign_specs, find_sites
-from qcompile.passes.sites import Site, SiteKind, SiteStatus, model_sites
+from qcompile.passes.sites import Site, SiteKind, SiteStatus, model_sites, weight_coverage
 from qcompile.passes.train_mode import bind_training_mode
-from qcompile.recipe import Recipe, get_recipe
+from qcompile.recipe import ROUTER_REASON, Recipe, get_recipe
 from qcompile.training.checkpoint import check_state_dict
 
 # GraphModule.__deepcopy__ keeps only the attributes listed under this key of `meta`.
@@ -61,7 +61,13 @@ _PRESERVED = "_user_preserved_attributes"
 
 class PrepareWarning(UserWarning):
     """`prepare` worked, but not quite as asked: a recipe pattern matches no site, no site is
-    quantized, or an example size of 0 or 1 was fixed in the graph."""
+    quantized, more than `FLOAT_WEIGHT_LIMIT` of the matmul weights stay float (output heads
+    and MoE routers aside), or an example size of 0 or 1 was fixed in the graph."""
+
+
+#: The share of matmul weight elements (output heads and routers aside) that may stay float
+#: without a warning.
+FLOAT_WEIGHT_LIMIT = 0.02
 
 
 class PreparedModel(fx.GraphModule):
@@ -208,6 +214,7 @@ def prepare(
     prepared = _as_prepared(gm, sites, recipe, inputs, type(model).__name__)
     prepared.train(model.training)
     _warn_nothing_quantized(model, sites)
+    _warn_float_weights(sites)
     _warn_fixed_small_dims(inputs)
     return prepared
 
@@ -272,6 +279,28 @@ def _warn_unmatched(recipe: Recipe, sites: list[Site]) -> None:
             PrepareWarning,
             stacklevel=3,
         )
+
+
+def _warn_float_weights(sites: list[Site]) -> None:
+    """Warn where more than `FLOAT_WEIGHT_LIMIT` of the matmul weight elements stay float for
+    other reasons than the defaults (output heads, MoE routers), naming the weights."""
+    coverage = weight_coverage(sites)
+    chosen = [(name, size, reason) for name, size, reason in coverage.floating
+              if not reason.startswith(("output head", ROUTER_REASON))]
+    left = sum(size for _, size, _ in chosen)
+    if not coverage.total or left <= FLOAT_WEIGHT_LIMIT * coverage.total or not any(
+        s.status is SiteStatus.QUANTIZED for s in sites
+    ):
+        return
+    chosen.sort(key=lambda item: -item[1])
+    shown = "; ".join(f"{name} ({size:,}): {reason}" for name, size, reason in chosen[:6])
+    warnings.warn(
+        f"{100 * left / coverage.total:.1f}% of the matmul weight elements stay float "
+        f"({len(chosen)} weights; {coverage.describe()}): {shown}"
+        f"{'; ...' if len(chosen) > 6 else ''}. qcompile.report(qmodel) lists them all.",
+        PrepareWarning,
+        stacklevel=3,
+    )
 
 
 def _warn_no_kv_cache(recipe: Recipe, sites: list[Site]) -> None:

@@ -53,6 +53,9 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "qa_outputs", "*.qa_outputs",
 )
 
+#: The reason a MoE router stays float (routers are tiny, and routing is sensitive).
+ROUTER_REASON = "MoE router"
+
 
 @dataclass(frozen=True)
 class SiteSpecs:
@@ -97,6 +100,8 @@ class Recipe:
             `F.scaled_dot_product_attention` is then decomposed into explicit matmuls).
         exclude: glob patterns on site names (`encoder.layer.0.attention.self.query`) that
             stay in float. The default keeps output heads (`lm_head`, `classifier`, ...) float.
+            MoE routers (a Linear whose output feeds the top-k expert choice) stay float too,
+            unless an override names them.
         overrides: glob pattern -> `SiteSpecs` (or None for float), checked before `exclude`
             in the order given; the first matching pattern wins.
         learn_scales: calibrated (static) int8/int4/fp8 ranges become learnable parameters
@@ -172,11 +177,14 @@ class Recipe:
             return self.conv or self.linear
         return self.linear
 
-    def resolve(self, name: str, kind: SiteKind) -> tuple[dict[str, QuantSpec], str]:
-        """Role -> spec for the site `name`, or ({}, reason) where it stays float."""
+    def resolve(
+        self, name: str, kind: SiteKind, *, router: bool = False
+    ) -> tuple[dict[str, QuantSpec], str]:
+        """Role -> spec for the site `name`, or ({}, reason) where it stays float. A MoE
+        `router` stays float unless an override names it."""
         if kind is SiteKind.KV_CACHE:
             return self._kv_cache(name)
-        roles, reason = self._resolve(name, kind)
+        roles, reason = self._resolve(name, kind, router)
         if self.tie_fused and kind is SiteKind.LINEAR and fused_group(name) is not None:
             roles = {role: _static_per_tensor(spec) if role == "weight" else spec
                      for role, spec in roles.items()}
@@ -191,12 +199,17 @@ class Recipe:
         spec = QuantSpec(self.kv_cache)
         return self._finish({"key": spec, "value": spec}), ""
 
-    def _resolve(self, name: str, kind: SiteKind) -> tuple[dict[str, QuantSpec], str]:
+    def _resolve(
+        self, name: str, kind: SiteKind, router: bool
+    ) -> tuple[dict[str, QuantSpec], str]:
         for pattern, specs in self.overrides:
             if fnmatch.fnmatchcase(name, pattern):
                 if specs is None:
                     return {}, f"override {pattern!r} keeps it in float"
                 return self._finish(specs.roles(kind)), ""
+        if router:
+            return {}, (f"{ROUTER_REASON} (its output picks the experts; an override "
+                        "naming it quantizes it)")
         for pattern in self.exclude:
             if fnmatch.fnmatchcase(name, pattern):
                 reason = "output head" if pattern in DEFAULT_EXCLUDE else "excluded"

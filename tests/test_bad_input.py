@@ -99,9 +99,12 @@ def test_patterns_that_match_no_site_warn_with_the_site_names():
 def test_matching_patterns_do_not_warn():
     fp8 = qc.SiteSpecs(input=qc.QuantSpec("fp8", dynamic=True))
     recipe = qc.get_recipe("int8").with_(exclude=["fc2"], overrides={"fc1": fp8})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         qc.prepare(_mlp(), recipe, (_x(),))
+    # (all weights stay float here, which the float-weight warning says; no pattern warning)
+    assert [str(w.message) for w in caught if "matches no site" in str(w.message)] == []
+    assert any("100.0% of the matmul weight elements stay float" in str(w.message) for w in caught)
 
 
 def test_a_recipe_that_quantizes_nothing_warns_and_calibrate_says_why():
@@ -382,3 +385,24 @@ def test_non_tensor_outputs_keep_their_structure():
     torch.testing.assert_close(out["y"], expected["y"], atol=0.1, rtol=0.1)
     out["nested"]["pair"][0].backward()
     assert x.grad is not None and prepared.get_parameter("fc.weight").grad is not None
+
+
+class Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(DIM, DIM)
+        self.classifier = nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.fc1(x)))
+
+
+def test_excluding_much_of_the_weights_warns_naming_them_but_output_heads_do_not():
+    with pytest.warns(qc.PrepareWarning, match=r"50.0% of the matmul weight elements stay float "
+                      r"\(1 weights; matmul weights quantized: 50.0% .*fc2 \(16,384\): excluded"):
+        qc.prepare(_mlp(), qc.get_recipe("int8").with_(exclude=["fc2"]), (_x(),))
+    model = Classifier().eval()  # its head is float by default: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared = qc.prepare(model, "int8", (_x(),))
+    assert qc.report(prepared).coverage.fraction == 0.5

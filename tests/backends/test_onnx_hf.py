@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 import torch
@@ -40,6 +41,13 @@ def _gpt2(attn: str = "sdpa"):
     config = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4,
                                      attn_implementation=attn, use_cache=False)
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _mixtral():
+    config = transformers.MixtralConfig(
+        num_hidden_layers=1, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        use_cache=False, **{**SMALL, "intermediate_size": 48})
+    return transformers.MixtralForCausalLM(config).eval()
 
 
 MODELS = {
@@ -111,6 +119,25 @@ def test_hf_model_in_onnxruntime_at_other_batch_and_length(name, recipe, tmp_pat
     assert _input_dims(path) == [["batch", "sequence"], ["batch", "sequence"]]
     run = _ort(path)
     for shape, seed in ((EXAMPLE, 1), (OTHER, 3), ((1, 5), 4)):
+        assert _relative_difference(prepared, _tokens(shape, seed), run) < TOLERANCE, shape
+
+
+@pytest.mark.slow
+def test_moe_experts_export_per_expert_int8_weights(tmp_path):
+    """Each expert's weight is its own INT8 initializer with its own per-channel scales."""
+    torch.manual_seed(0)
+    prepared, path = _prepare_and_export(_mixtral(), "int8", tmp_path)
+    graph = onnx.load(str(path)).graph
+    int8 = {i.name: i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    dequantized = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    down = [onnx.numpy_helper.to_array(i) for i in int8.values()  # [H=64, I=48], any order
+            if sorted(i.dims) == [48, 64] and i.name in dequantized]
+    assert len(down) == 4 and len({v.tobytes() for v in down}) == 4
+    for values in down:  # each expert's own per-output-channel scales: every channel hits 127
+        channels = np.moveaxis(values, values.shape.index(64), 0).reshape(64, -1)
+        assert (np.abs(channels.astype(int)).max(axis=1) == 127).all()
+    run = _ort(path)
+    for shape, seed in ((EXAMPLE, 1), (OTHER, 3)):
         assert _relative_difference(prepared, _tokens(shape, seed), run) < TOLERANCE, shape
 
 
