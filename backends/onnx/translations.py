@@ -66,6 +66,15 @@ def required_opset(fmt: QuantFormat, block_size: int | None) -> tuple[int, str]:
     return EXPORTER_MIN_OPSET, f"torch.onnx's dynamo exporter writes opset >= {EXPORTER_MIN_OPSET}"
 
 
+def preferred_opset(fmt: QuantFormat, block_size: int | None) -> int:
+    """The opset export picks for `fmt` when none is asked for: `required_opset`, raised to 21
+    for FP8, whose QuantizeLinear then has no zero point (`output_dtype` instead): onnxruntime
+    (<= 1.32 at least) drops a Relu in front of an FP8 QuantizeLinear that has a zero point
+    (rule `ReluQuantRewrite`, `backends.onnx.rules.ORT_RULES["relu-dropped"]`)."""
+    needed, _ = required_opset(fmt, block_size)
+    return max(needed, 21) if fmt.element is E4M3 else needed
+
+
 def check_supported(fmt: QuantFormat, dynamic: bool, weight: bool, target: str) -> None:
     """Refuse, with what to do instead, the quantizations `target` cannot express."""
     if target == "onnx":
