@@ -5,6 +5,7 @@ exported numbers (`ort`) and the per-quantizer parity check (`verify`); see each
 from qcompile.backends.onnx.export import OnnxExportError, OnnxRuntimeWarning, export_onnx
 from qcompile.backends.onnx.ort import onnxruntime_session
 from qcompile.backends.onnx.rules import InspectReport, inspect_onnx
+from qcompile.backends.onnx.verify import ParityReport, verify_onnx
 
-__all__ = ["OnnxExportError", "OnnxRuntimeWarning", "InspectReport", "export_onnx",
-           "inspect_onnx", "onnxruntime_session"]
+__all__ = ["OnnxExportError", "OnnxRuntimeWarning", "InspectReport", "ParityReport",
+           "export_onnx", "inspect_onnx", "onnxruntime_session", "verify_onnx"]

@@ -294,7 +294,8 @@ def _drops_relu(q: ir.Node) -> bool:
 
 def _fuses_into_matmulnbits(dq: ir.Node) -> bool:
     """onnxruntime's DQ -> MatMul selector: a constant 2-d [K, N] INT4/INT8 weight in blocks
-    (power of two >= 16) along K, feeding only input B of a MatMul or of a Gemm without transB."""
+    (power of two >= 16) along K, feeding only input B of a MatMul or of a Gemm without transB
+    whose input A is not dequantized (w4a8's fp8 A leaves the MatMul unfused)."""
     data = dq.inputs[0]
     block_size = _attr(dq, "block_size", 0)
     if data is None or data.const_value is None or data.dtype not in _MATMULNBITS_TYPES:
@@ -308,6 +309,8 @@ def _fuses_into_matmulnbits(dq: ir.Node) -> bool:
         return False
     consumer = uses[0].node
     if consumer.domain != "" or consumer.op_type not in ("MatMul", "Gemm"):
+        return False
+    if _is_dq(consumer.inputs[0].producer()):
         return False
     return consumer.op_type == "MatMul" or _attr(consumer, "transB", 0) == 0
 
