@@ -42,6 +42,12 @@ ORT_RULES = {
         "clamp negatives (an onnxruntime bug); export at opset >= 21 (no zero point) or run it "
         "in qc.onnxruntime_session (disabled_optimizers=['ReluQuantRewrite'])"
     ),
+    "propagated-q-uint8": (
+        "DequantizeLinear without a zero point after a QuantizeLinear with one, feeding a "
+        "Transpose: onnxruntime's QDQPropagationTransformer copies the DQ's inputs into a new Q "
+        "after the Transpose, which without a zero point is UINT8 and clamps negatives to 0 (an "
+        "onnxruntime bug); give the DQ the Q's zero point, or export at opset >= 21"
+    ),
     "matmulnbits-int8-activations": (
         "blocked INT4/INT8 weight DequantizeLinear into a MatMul/Gemm: onnxruntime fuses it into "
         "com.microsoft::MatMulNBits with accuracy_level 4 (session config "
@@ -292,6 +298,16 @@ def _drops_relu(q: ir.Node) -> bool:
     return dtype in _CLAMPING_ZERO_POINTS and int(zero_point.reshape(())) != _CLAMPING_ZERO_POINTS[dtype]
 
 
+def _loses_zero_point(dq: ir.Node) -> bool:
+    """A DQ with no zero point, fed by a Q with one, whose output a Transpose reads."""
+    q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
+    if q is None or (q.domain, q.op_type) != ("", "QuantizeLinear") or len(q.inputs) < 3:
+        return False
+    if len(dq.inputs) > 2 and dq.inputs[2] is not None:
+        return False
+    return any((u.node.domain, u.node.op_type) == ("", "Transpose") for u in dq.outputs[0].uses())
+
+
 def _fuses_into_matmulnbits(dq: ir.Node) -> bool:
     """onnxruntime's DQ -> MatMul selector: a constant 2-d [K, N] INT4/INT8 weight in blocks
     (power of two >= 16) along K, feeding only input B of a MatMul or of a Gemm without transB
@@ -321,8 +337,11 @@ def onnxruntime_findings(model: ir.Model) -> list[Finding]:
     for node in model.graph:
         if (node.domain, node.op_type) == ("", "QuantizeLinear") and _drops_relu(node):
             matches["relu-dropped"].append(node.name)
-        if (node.domain, node.op_type) == ("", "DequantizeLinear") and _fuses_into_matmulnbits(node):
-            matches["matmulnbits-int8-activations"].append(node.name)
+        if (node.domain, node.op_type) == ("", "DequantizeLinear"):
+            if _loses_zero_point(node):
+                matches["propagated-q-uint8"].append(node.name)
+            if _fuses_into_matmulnbits(node):
+                matches["matmulnbits-int8-activations"].append(node.name)
     findings = []
     for rule, nodes in matches.items():
         if nodes:

@@ -149,10 +149,13 @@ class _Builder:
         blocks = {"block_size": block_size} if block_size else {}
         if self.opset >= 21:
             q = self.op.QuantizeLinear(x, q_scale, axis=axis, output_dtype=storage, **blocks)
-        else:
-            zero = self.op.Cast(self.op.Mul(q_scale, self.const(0.0)), to=storage)
-            q = self.op.QuantizeLinear(x, q_scale, zero, axis=axis)
-        return self.op.DequantizeLinear(q, dq_scale, axis=axis, **blocks)
+            return self.op.DequantizeLinear(q, dq_scale, axis=axis, **blocks)
+        # Below opset 21 the zero point gives the Q its type; the DQ gets it too: onnxruntime's
+        # QDQPropagationTransformer copies a DQ's inputs into a new Q across a Transpose, and
+        # without a zero point that Q would be UINT8 (clamping negatives to 0).
+        zero = self.op.Cast(self.op.Mul(q_scale, self.const(0.0)), to=storage)
+        q = self.op.QuantizeLinear(x, q_scale, zero, axis=axis)
+        return self.op.DequantizeLinear(q, dq_scale, zero, axis=axis)
 
     def guarded(self, scale: ir.Value) -> ir.Value:
         """The divisor of `numerics.quantize`: the scale where positive, else 1."""

@@ -241,3 +241,35 @@ def test_onnxruntime_findings_are_rendered_with_the_version():
     text = report.render()
     assert "onnxruntime (installed " in text and "[matmulnbits-int8-activations]" in text
     assert "session.qdq_matmulnbits_accuracy_level" in text
+
+
+def _quantize_transpose(dtype: int, opset: int, q_zero_point: bool, dq_zero_point: bool,
+                        consumer: str = "Transpose") -> onnx.ModelProto:
+    """x -> Q -> DQ -> (Transpose) -> MatMul(DQ, .): the attention product's pattern."""
+    inits = [_init("s", np.array(0.05, np.float32)), helper.make_tensor("zp", dtype, [], [0])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s"] + ["zp"] * q_zero_point, ["q"],
+                              **({} if q_zero_point else {"output_dtype": dtype})),
+             helper.make_node("DequantizeLinear", ["q", "s"] + ["zp"] * dq_zero_point, ["d"])]
+    if consumer == "Transpose":
+        nodes += [helper.make_node("Transpose", ["d"], ["t"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["d", "t"], ["y"])]
+    else:
+        nodes.append(helper.make_node("Mul", ["d", "d"], ["y"]))
+    return _model(nodes, inits if q_zero_point or dq_zero_point else inits[:1], opset=opset)
+
+
+@pytest.mark.parametrize(("model", "fires"), [
+    (lambda: _quantize_transpose(T.INT8, 19, True, False), True),
+    (lambda: _quantize_transpose(T.FLOAT8E4M3FN, 19, True, False), True),
+    (lambda: _quantize_transpose(T.INT8, 19, True, True), False),  # qcompile's export < 21
+    (lambda: _quantize_transpose(T.INT8, 21, False, False), False),  # qcompile's export >= 21
+    (lambda: _quantize_transpose(T.INT8, 19, True, False, consumer="Mul"), False),
+], ids=["int8", "fp8", "int8-dq-zero-point", "opset21", "no-transpose"])
+def test_propagated_q_rule_fires_where_onnxruntime_loses_the_zero_point(model, fires):
+    model = model()
+    onnx.checker.check_model(model, full_check=True)
+    rules = [f.rule for f in inspect_onnx(model).onnxruntime]
+    assert rules == (["propagated-q-uint8"] if fires else [])
+    x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
+    default, off = _ort_outputs(model, x)
+    assert (np.abs(default - off).max() > 1e-6) == fires, (default, off)
