@@ -172,8 +172,11 @@ def test_minilm_int4_in_onnxruntime_at_other_batch_and_length(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not _minilm_available(), reason="MiniLM weights not installed")
 def test_minilm_int8_per_quantizer_parity_and_default_session(tmp_path, caplog):
-    """End to end, int8 MiniLM moves by one rounding flip (module docstring); per quantizer the
-    file matches, and onnxruntime's default session computes what its unoptimized one does."""
+    """End to end, int8 MiniLM moves by rounding flips (module docstring); per quantizer the
+    file matches exactly. onnxruntime's default session runs fused int8 kernels whose other
+    accumulation order flips other elements: measured on 32 texts, mean embedding cosine
+    0.9987 (optimizations off) and 0.9982 (default) against the prepared model, 0.9993
+    between the two, with verify_onnx exact (bench/RESULTS.md)."""
     from qcompile.demo import corpus, minilm
 
     model, tokenizer = minilm.load()
@@ -191,4 +194,5 @@ def test_minilm_int8_per_quantizer_parity_and_default_session(tmp_path, caplog):
     runs = _ort_runs(path)
     feeds = {k: v.numpy() for k, v in example.items()}
     off, default = (runs[kind](feeds)[0] for kind in ("off", "default"))
-    assert float(np.abs(default - off).max() / np.abs(off).max()) < TOLERANCE
+    cosine = np.sum(off * default, -1) / np.linalg.norm(off, axis=-1) / np.linalg.norm(default, axis=-1)
+    assert float(cosine.mean()) > 0.995
