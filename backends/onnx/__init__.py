@@ -7,5 +7,5 @@ from qcompile.backends.onnx.ort import onnxruntime_session
 from qcompile.backends.onnx.rules import InspectReport, inspect_onnx
 from qcompile.backends.onnx.verify import ParityReport, verify_onnx
 
-__all__ = ["OnnxExportError", "OnnxRuntimeWarning", "InspectReport", "ParityReport",
+__all__ = ["InspectReport", "OnnxExportError", "OnnxRuntimeWarning", "ParityReport",
            "export_onnx", "inspect_onnx", "onnxruntime_session", "verify_onnx"]

@@ -83,9 +83,10 @@ class ParityReport:
         return max((row.difference for row in self.rows), default=0.0)
 
     def render(self) -> str:
-        lines = [f"per-quantizer parity ({self.runtime}; tolerance {self.tolerance:.0e} of max |output|)",
-                 f"{'quantizer':<44} {'format':<6} {'max diff':>10} {'mismatched':>19} "
-                 f"{'input drift':>10}"]
+        header = (f"{'quantizer':<44} {'format':<6} {'max diff':>10} {'mismatched':>19} "
+                  f"{'input drift':>10}")
+        title = f"per-quantizer parity ({self.runtime}; tolerance {self.tolerance:.0e} of max |output|)"
+        lines = [title, header]
         lines += [str(row) for row in self.rows]
         lines += [f"{name}: not in the graph (its output is unused there)" for name in self.missing]
         verdict = "passed" if self.passed else (
@@ -234,7 +235,7 @@ def _run_onnx(model: ir.Model, feeds: dict[str, np.ndarray], names: list[str],
                 options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
                 session = onnxruntime.InferenceSession(str(path), options,
                                                        providers=["CPUExecutionProvider"])
-            except Exception:  # noqa: BLE001  (types onnxruntime cannot load: FP4, ...)
+            except Exception:  # types onnxruntime cannot load (FP4, ...)
                 if runtime == "onnxruntime":
                     raise
             else:
@@ -311,7 +312,7 @@ def verify_onnx(
             if found is None:
                 report.missing.append(labels[path_])
                 continue
-            if isinstance(found, str):
+            if isinstance(found, str):  # why its nodes could not be read
                 raise ValueError(f"quantizer {labels[path_]}: its ONNX nodes are not one Q/DQ "
                                  f"call ({found})")
             report.rows += _compare(labels[path_], quantizer, found, torch_inputs[path_], values)
