@@ -60,6 +60,8 @@ __all__ = [
     "train",
     "export_onnx",
     "inspect_onnx",
+    "onnxruntime_session",
+    "verify_onnx",
     "build_engine",
     "run_engine",
     "QADTrainer",
@@ -70,6 +72,8 @@ __all__ = [
 _LAZY = {
     "export_onnx": ("qcompile.backends.onnx.export", "export_onnx"),
     "inspect_onnx": ("qcompile.backends.onnx.rules", "inspect_onnx"),
+    "onnxruntime_session": ("qcompile.backends.onnx.ort", "onnxruntime_session"),
+    "verify_onnx": ("qcompile.backends.onnx.verify", "verify_onnx"),
     "build_engine": ("qcompile.backends.tensorrt.engine", "build_engine"),
     "run_engine": ("qcompile.backends.tensorrt.engine", "run_engine"),
     "QADTrainer": ("qcompile.hf", "QADTrainer"),

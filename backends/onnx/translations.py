@@ -66,6 +66,15 @@ def required_opset(fmt: QuantFormat, block_size: int | None) -> tuple[int, str]:
     return EXPORTER_MIN_OPSET, f"torch.onnx's dynamo exporter writes opset >= {EXPORTER_MIN_OPSET}"
 
 
+def preferred_opset(fmt: QuantFormat, block_size: int | None) -> int:
+    """The opset export picks for `fmt` when none is asked for: `required_opset`, raised to 21
+    for FP8, whose QuantizeLinear then has no zero point (`output_dtype` instead): onnxruntime
+    (<= 1.32 at least) drops a Relu in front of an FP8 QuantizeLinear that has a zero point
+    (rule `ReluQuantRewrite`, `backends.onnx.rules.ORT_RULES["relu-dropped"]`)."""
+    needed, _ = required_opset(fmt, block_size)
+    return max(needed, 21) if fmt.element is E4M3 else needed
+
+
 def check_supported(fmt: QuantFormat, dynamic: bool, weight: bool, target: str) -> None:
     """Refuse, with what to do instead, the quantizations `target` cannot express."""
     if target == "onnx":
@@ -140,10 +149,13 @@ class _Builder:
         blocks = {"block_size": block_size} if block_size else {}
         if self.opset >= 21:
             q = self.op.QuantizeLinear(x, q_scale, axis=axis, output_dtype=storage, **blocks)
-        else:
-            zero = self.op.Cast(self.op.Mul(q_scale, self.const(0.0)), to=storage)
-            q = self.op.QuantizeLinear(x, q_scale, zero, axis=axis)
-        return self.op.DequantizeLinear(q, dq_scale, axis=axis, **blocks)
+            return self.op.DequantizeLinear(q, dq_scale, axis=axis, **blocks)
+        # Below opset 21 the zero point gives the Q its type; the DQ gets it too: onnxruntime's
+        # QDQPropagationTransformer copies a DQ's inputs into a new Q across a Transpose, and
+        # without a zero point that Q would be UINT8 (clamping negatives to 0).
+        zero = self.op.Cast(self.op.Mul(q_scale, self.const(0.0)), to=storage)
+        q = self.op.QuantizeLinear(x, q_scale, zero, axis=axis)
+        return self.op.DequantizeLinear(q, dq_scale, zero, axis=axis)
 
     def guarded(self, scale: ir.Value) -> ir.Value:
         """The divisor of `numerics.quantize`: the scale where positive, else 1."""
