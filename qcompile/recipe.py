@@ -262,6 +262,9 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe("mxfp4", SiteSpecs(weight=QuantSpec("mxfp4"), input=QuantSpec("mxfp4"))),
         Recipe("mxfp8", SiteSpecs(weight=QuantSpec("mxfp8"), input=QuantSpec("mxfp8"))),
+        # The OCP MX 1.0 scale rule, for runtimes that follow the OCP text (README numerics).
+        Recipe("mxfp4_ocp", SiteSpecs(weight=QuantSpec("mxfp4_ocp"), input=QuantSpec("mxfp4_ocp"))),
+        Recipe("mxfp8_ocp", SiteSpecs(weight=QuantSpec("mxfp8_ocp"), input=QuantSpec("mxfp8_ocp"))),
         Recipe("int4", SiteSpecs(weight=QuantSpec("int4", dynamic=True))),
         Recipe(
             "w4a8",
