@@ -10,6 +10,7 @@ the model is evaluated (char-GPT validation cross-entropy, MiniLM mean cosine to
   [-128, 127] range is used (torchao, compressed-tensors).
 - `mse`: per block / channel / tensor, the clipping ratio r in {0.50, 0.51, ..., 1.00} (and
   qmax / (qmax + 0.5)) minimising the squared error of the quantized weight.
+- `recipe`: the recipe as prepared, nothing changed (any format: PTQ of e.g. mxfp4 vs mxfp4_ocp).
 
     python bench/scales.py --models gpt minilm --formats int4 int8 fp8
 
@@ -37,7 +38,7 @@ from qcompile.core.formats import ScaleKind, get_format
 from qcompile.demo import char_gpt, corpus, minilm
 from qcompile.demo.run import embed, fidelity, text_batches
 
-RULES = ("max", "half", "mse")
+RULES = ("max", "half", "mse", "recipe")
 RATIOS = torch.linspace(0.5, 1.0, 51)
 
 
@@ -84,6 +85,8 @@ def rule_amax(w: torch.Tensor, spec, rule: str) -> torch.Tensor:
 
 
 def apply_rule(model: nn.Module, weights: dict[str, torch.Tensor], rule: str) -> None:
+    if rule == "recipe":
+        return
     for path, weight in weights.items():
         quantizer = model.get_submodule(path)
         spec = quantizer.spec
@@ -141,7 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["gpt", "minilm"], choices=["gpt", "minilm"])
     parser.add_argument("--formats", nargs="+", default=["int4", "int8", "fp8"])
-    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    parser.add_argument("--rules", nargs="+", default=["max", "half", "mse"], choices=RULES)
     parser.add_argument("--gpt-float-steps", type=int, default=1000)
     parser.add_argument("--gpt-layers", type=int, default=4)
     parser.add_argument("--gpt-d-model", type=int, default=128)
