@@ -3,7 +3,8 @@
 A `Recipe` says, per site kind (Linear, activation-activation matmul, convolution), which
 `QuantSpec` guards the weight and which the activation input, which sites stay in float
 (`exclude` glob patterns on site names) and per-site overrides. The named recipes (`int8`,
-`fp8`, `nvfp4`, `mxfp4`, `mxfp8`, `int4`, `w4a8`) are plain instances in `RECIPES`.
+`fp8`, `nvfp4`, `mxfp4`, `mxfp8`, `mxfp4_ocp`, `mxfp8_ocp`, `int4`, `w4a8`) are plain
+instances in `RECIPES`.
 This module decides *what* to quantize; it knows nothing of graphs (passes apply it) or of
 numerics (the specs describe formats, `qcompile.core.quantizer` runs them).
 """
