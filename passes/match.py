@@ -70,7 +70,7 @@ def activations(graph: fx.Graph) -> set[fx.Node]:
     return found
 
 
-def _module_path(node: fx.Node) -> str:
+def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
@@ -131,7 +131,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_function":
-            path = _module_path(node)
+            path = module_path(node)
             found += [(node, path, *d) for d in _describe(node, data)]
     counts = defaultdict(int)
     for _, path, kind, _, _ in found:

@@ -22,6 +22,9 @@ class SiteKind(enum.Enum):
     LINEAR = "linear"
     MATMUL = "matmul"
     CONV = "conv"
+    #: The key and value states entering an attention op, as a serving engine's KV cache
+    #: stores them (`Recipe.kv_cache`); the site is named by the attention module.
+    KV_CACHE = "kv_cache"
 
 
 class SiteStatus(enum.Enum):
@@ -31,8 +34,9 @@ class SiteStatus(enum.Enum):
 
 
 #: Input roles: "input" is the activation operand (first), "weight" the Linear/conv weight,
-#: "other" the second activation operand of an activation-activation matmul.
-ROLES = ("input", "weight", "other")
+#: "other" the second activation operand of an activation-activation matmul, "key" and "value"
+#: the states a KV-cache site quantizes.
+ROLES = ("input", "weight", "other", "key", "value")
 
 
 @dataclass
