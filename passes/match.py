@@ -12,6 +12,7 @@ Linear is named by the module path (`encoder.layer.0.attention.self.query`), oth
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import replace
@@ -143,8 +144,19 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         seen[path, kind] += 1
         unique = path and kind is not SiteKind.MATMUL and counts[path, kind] == 1
         name = path if unique else ".".join(filter(None, (path, f"{kind.value}_{index}")))
-        sites.append(Site(name, kind, node.name, reduction_axes=axes, reduction_size=k))
+        sites.append(Site(name, kind, node.name, reduction_axes=axes, reduction_size=k,
+                          weight_size=_weight_size(node, kind)))
     return sites
+
+
+def _weight_size(node: fx.Node, kind: SiteKind) -> int | None:
+    """Elements of the weight operand of a Linear/conv node, where its shape is known."""
+    if kind is SiteKind.MATMUL:
+        return None
+    dims = shape(get_operand(node.args, operand_positions(node)["weight"]))
+    if dims is None or not all(is_concrete_int(d) for d in dims):
+        return None
+    return math.prod(int(d) for d in dims)
 
 
 def assign_specs(sites: list[Site], recipe: Recipe) -> list[Site]:

@@ -1,19 +1,21 @@
 """qcompile: make a PyTorch model deployable in low precision.
 
 `prepare` (capture and insert quantizers), functional numerics (`fake_quantize`), calibration
-(`calibrate`, `smooth`, `gptq`), distillation (`Distiller`, `train`), the per-site `report`, checkpoints
+(`calibrate`, `smooth`, `gptq`), mixed precision by measurement (`auto_recipe`), distillation (`Distiller`, `train`), the per-site `report`, checkpoints
 (`save`, `load`) and FSDP2 sharding (`fully_shard`). See README.md for the tour.
 """
 
+from qcompile.algorithms.auto_recipe import auto_recipe
 from qcompile.algorithms.calibrate import CalibrationWarning, calibrate
 from qcompile.algorithms.gptq import gptq
 from qcompile.algorithms.smooth import smooth
+from qcompile.blocks import BlockError
 from qcompile.core.fake_quant import fake_quantize
 from qcompile.core.formats import FORMATS, QuantFormat, get_format
 from qcompile.core.quantizer import Quantizer, QuantSpec
 from qcompile.passes.capture import CaptureError
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
-from qcompile.prepare import PreparedModel, PrepareWarning, prepare
+from qcompile.prepare import PreparedBlock, PreparedModel, PrepareWarning, prepare
 from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe
 from qcompile.report import Report, report
 from qcompile.training.checkpoint import CheckpointError, load, save
@@ -25,9 +27,11 @@ from qcompile.version import __version__ as __version__
 __all__ = [
     "FORMATS",
     "RECIPES",
+    "BlockError",
     "CalibrationWarning",
     "CaptureError",
     "CheckpointError",
+    "PreparedBlock",
     "PreparedModel",
     "PrepareWarning",
     "Recipe",
@@ -40,6 +44,7 @@ __all__ = [
     "QuantSpec",
     "Quantizer",
     "Report",
+    "auto_recipe",
     "calibrate",
     "fake_quantize",
     "freeze",

@@ -208,6 +208,13 @@ class Recipe:
         roles = self._finish(specs.roles(kind))
         return roles, "" if roles else f"recipe {self.name!r} quantizes no input of a {kind.value}"
 
+    def excludes(self, name: str) -> bool:
+        """Whether an `exclude` pattern (and no override) keeps the site `name` in float.
+        Effective bits per weight leave such sites out (output heads, by default)."""
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern, _ in self.overrides):
+            return False
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude)
+
     def unmatched_patterns(self, names: list[str]) -> list[tuple[str, str]]:
         """("exclude" or "override", pattern) for each user pattern that matches none of
         `names` (the default output-head patterns are expected to miss on most models)."""

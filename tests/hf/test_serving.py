@@ -472,3 +472,23 @@ def test_fused_weight_amax_is_the_max_whatever_the_calibration_method():
     q_in = prepared.get_submodule("model.layers.1.mlp.up_proj.input_quantizer").amax
     g_in = prepared.get_submodule("model.layers.1.mlp.gate_proj.input_quantizer").amax
     assert float(q_in) == float(g_in)  # inputs: the method's amax (percentile), tied
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("format", BOTH)
+def test_an_auto_recipe_exports_as_mixed_precision_and_round_trips(format, tmp_path):
+    """`qc.auto_recipe`'s per-site formats (fused q/k/v and gate/up together) are a mixed
+    checkpoint (#23): written, read back, the same logits."""
+    model = _float_model()
+    batches = [{"input_ids": _ids(2, 8, seed=s), "use_cache": False} for s in range(2)]
+    recipe = qc.auto_recipe(model, ("nvfp4", "fp8"), batches, effective_bits=6.0, progress=False)
+    assert set(recipe.search.choices.values()) == {"nvfp4", "fp8"}
+    qlm = hf.prepare_causal_lm(model, recipe)
+    qc.calibrate(qlm, [_ids(2, 8, seed=s) for s in range(2)], progress=False)
+    hf.export_checkpoint(qlm, tmp_path, format)
+    configs = " ".join(path.read_text() for path in tmp_path.glob("*.json"))
+    assert ("MIXED_PRECISION" if format == "modelopt" else "mixed-precision") in configs
+    loaded = hf.load_checkpoint(tmp_path)
+    ids = _ids(3, 11, seed=7)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, qlm(ids).logits)
