@@ -3,10 +3,11 @@
 A `Recipe` says, per site kind (Linear, activation-activation matmul, convolution), which
 `QuantSpec` guards the weight and which the activation input, which sites stay in float
 (`exclude` glob patterns on site names) and per-site overrides. The named recipes (`int8`,
-`fp8`, `nvfp4`, `mxfp4`, `mxfp8`, `int4`, `w4a8`) are plain instances in `RECIPES`. A recipe
-also says whether the attention's key and value states are quantized as a serving engine's KV
-cache stores them (`kv_cache`), and whether layers that serving engines fuse into one matmul
-(q/k/v, gate/up: `fused_group`) share their per-tensor scales (`tie_fused`).
+`fp8`, `nvfp4`, `mxfp4`, `mxfp8`, `mxfp4_ocp`, `mxfp8_ocp`, `int4`, `w4a8`) are plain
+instances in `RECIPES`. A recipe also says whether the attention's key and value states are
+quantized as a serving engine's KV cache stores them (`kv_cache`), and whether layers that
+serving engines fuse into one matmul (q/k/v, gate/up: `fused_group`) share their per-tensor
+scales (`tie_fused`).
 This module decides *what* to quantize; it knows nothing of graphs (passes apply it) or of
 numerics (the specs describe formats, `qcompile.core.quantizer` runs them).
 """
@@ -356,6 +357,9 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe("mxfp4", SiteSpecs(weight=QuantSpec("mxfp4"), input=QuantSpec("mxfp4"))),
         Recipe("mxfp8", SiteSpecs(weight=QuantSpec("mxfp8"), input=QuantSpec("mxfp8"))),
+        # The OCP MX 1.0 scale rule, for runtimes that follow the OCP text (README numerics).
+        Recipe("mxfp4_ocp", SiteSpecs(weight=QuantSpec("mxfp4_ocp"), input=QuantSpec("mxfp4_ocp"))),
+        Recipe("mxfp8_ocp", SiteSpecs(weight=QuantSpec("mxfp8_ocp"), input=QuantSpec("mxfp8_ocp"))),
         Recipe("int4", SiteSpecs(weight=QuantSpec("int4", dynamic=True))),
         Recipe(
             "w4a8",

@@ -60,7 +60,7 @@ def test_unknown_recipe_and_format_list_the_valid_names():
     before = snapshot(model)
     with pytest.raises(ValueError, match=f"valid recipes: {', '.join(qc.RECIPES)}, or build"):
         qc.prepare(model, "nvfp8", (_x(),))
-    with pytest.raises(ValueError, match="valid formats: fp8, int4, int8, mxfp4, mxfp8, nvfp4"):
+    with pytest.raises(ValueError, match="valid formats: fp8, int4, int8, mxfp4, mxfp4_ocp, mxfp8, mxfp8_ocp, nvfp4"):
         qc.prepare(model, qc.Recipe(linear=qc.SiteSpecs(weight=qc.QuantSpec("fp16"))), (_x(),))
     with pytest.raises(TypeError, match="a name such as 'int8' or a qcompile.Recipe"):
         qc.prepare(model, {"weights": "int8"}, (_x(),))

@@ -39,6 +39,7 @@ from qcompile.core.formats import (
     ElementType,
     QuantFormat,
     ScaleKind,
+    ScaleRule,
     get_format,
 )
 
@@ -84,6 +85,11 @@ def check_supported(fmt: QuantFormat, dynamic: bool, weight: bool, target: str) 
         raise ValueError(f"TensorRT has no MXFP4 ops; export {what} with target='onnx' or use nvfp4")
     if weight:
         return
+    if fmt.scale_rule is ScaleRule.OCP:
+        raise ValueError(
+            f"TensorRT's TRT_MXFP8DynamicQuantize computes its block scales by the ceil rule, not "
+            f"the OCP rule of {what}; use mxfp8 (ceil) or export with target='onnx'"
+        )
     if fmt.element is INT4:
         raise ValueError(f"TensorRT quantizes INT4 weights only (W4A16); {what} need target='onnx'")
     if fmt.scale is ScaleKind.FP32 and dynamic:
@@ -231,11 +237,21 @@ class _Builder:
             return trt.MXFP8_DEQUANTIZE_LINEAR(
                 data, scale, axis=-1, block_size=block_size, output_dtype=ir.DataType.FLOAT
             )
-        exponent = op.Sub(self.floor_log2(self.block_amax(x, block_size)),
-                          self.const(float(fmt.element.max_exponent)))
-        exponent = op.Clip(exponent, self.const(-127.0), self.const(127.0))
-        scale = op.Pow(self.const(2.0), exponent)
+        scale = self.e8m0_scale(self.block_amax(x, block_size), fmt)
         return self.qdq(x, scale, scale, fmt.element, last, block_size)
+
+    def e8m0_scale(self, amax: ir.Value, fmt: QuantFormat) -> ir.Value:
+        """`2 ** numerics.e8m0_exponent(amax)`, step by step in standard ops."""
+        op = self.op
+        low, high = self.const(-127.0), self.const(127.0)
+        if fmt.scale_rule is ScaleRule.OCP:
+            exponent = op.Sub(self.floor_log2(amax), self.const(float(fmt.element.max_exponent)))
+        else:  # CEIL: floor(log2(q)) + 1 where q = amax / max is not a power of two
+            q = op.Div(amax, self.const(fmt.element.max_value))
+            exponent = op.Clip(self.floor_log2(q), low, high)
+            inexact = op.Greater(q, op.Pow(self.const(2.0), exponent))
+            exponent = op.Add(exponent, op.Cast(inexact, to=ir.DataType.FLOAT))
+        return op.Pow(self.const(2.0), op.Clip(exponent, low, high))
 
     # -- weights ------------------------------------------------------------------------------
 

@@ -296,12 +296,14 @@ def test_opset_too_low_is_refused():
 
 @pytest.mark.parametrize(("fmt", "match"), [
     ("mxfp4", "TensorRT has no MXFP4"),
+    ("mxfp8_ocp", "computes its block scales by the ceil rule"),
     ("int4-activations", "INT4 weights only"),
     ("int8-dynamic", "needs static scales"),
 ])
 def test_tensorrt_refuses_what_it_cannot_run(fmt, match):
     specs = {
         "mxfp4": SPECS["mxfp4"],
+        "mxfp8_ocp": (QuantSpec("mxfp8_ocp"), QuantSpec("mxfp8_ocp"), False),
         "int4-activations": (None, QuantSpec("int4", dynamic=True), False),
         "int8-dynamic": (None, QuantSpec("int8", dynamic=True), False),
     }[fmt]
