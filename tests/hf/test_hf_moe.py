@@ -64,10 +64,9 @@ def test_capture_loop_equals_each_experts_implementation(implementation):
     with torch.no_grad():
         expected = experts(hidden, index, weights)
         got = experts_loop_forward(experts, hidden, index, weights)
-    if implementation == "eager":
-        assert torch.equal(got, expected)
-    else:
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Same products in the same order as eager; the row-wise accumulation may still differ in
+    # the last bit with the number of threads (seen with 2 threads, equal with 1).
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_each_expert_is_a_site_with_its_own_weight_scales(model, int8):
