@@ -3,15 +3,18 @@
 `find_sites` walks a graph (torch.export's aten IR or symbolic_trace's torch IR) and returns
 one `Site` per Linear (`aten.linear`, `F.linear`; see `passes.canonicalize` for modules and
 GPT-2's `Conv1D`), activation-activation matmul (`@`, `matmul`, `bmm`, `mm`, an `einsum`
-that contracts one index, the two products inside `scaled_dot_product_attention`) and
-convolution (conv1d/conv2d). Names come from `node.meta["nn_module_stack"]`: a module's only
-Linear is named by the module path (`encoder.layer.0.attention.self.query`), otherwise
-`<path>.<kind>_<i>` in graph order (`encoder.layer.0.attention.self.matmul_0`).
+that contracts one index), fused attention (`scaled_dot_product_attention`: one site with
+roles query, key and value) and convolution (conv1d/conv2d). Names come from
+`node.meta["nn_module_stack"]`: a module's only Linear is named by the module path
+(`encoder.layer.0.attention.self.query`), a module's only fused attention `<path>.sdpa`,
+otherwise `<path>.<kind>_<i>` in graph order (`encoder.layer.0.attention.self.matmul_0`,
+`<path>.sdpa_1`).
 `assign_specs` applies a `Recipe`. Neither changes the graph.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import replace
@@ -104,11 +107,11 @@ def _describe(node: fx.Node, data: set[fx.Node]) -> list[tuple[SiteKind, dict[st
     if is_target(node.target, CONV_OPS):
         return [(SiteKind.CONV, {"input": 1, "weight": 1}, None)]
     if is_target(node.target, SDPA_OPS):
-        query, key = args[0], args[1]
-        return [
-            (SiteKind.MATMUL, {"input": -1, "other": -1}, _dim(query, -1)),
-            (SiteKind.MATMUL, {"input": -1, "other": -2}, _dim(key, -2)),
-        ]
+        # q @ k^T reduces the head dimension of query and key, p @ v the sequence of value;
+        # one block size must divide both, so K is their gcd (None if either is unknown).
+        head, length = _dim(args[0], -1), _dim(args[2], -2)
+        k = math.gcd(head, length) if head and length else None
+        return [(SiteKind.ATTENTION, {"query": -1, "key": -1, "value": -2}, k)]
     if is_target(node.target, MATMUL_OPS):
         axes = {"input": -1, "other": -2 if len(shape(args[1]) or (0, 0)) >= 2 else -1}
     elif is_target(node.target, EINSUM_OPS):
@@ -141,8 +144,13 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
     for node, path, kind, axes, k in found:
         index = seen[path, kind]
         seen[path, kind] += 1
-        unique = path and kind is not SiteKind.MATMUL and counts[path, kind] == 1
-        name = path if unique else ".".join(filter(None, (path, f"{kind.value}_{index}")))
+        unique = kind is not SiteKind.MATMUL and counts[path, kind] == 1
+        if kind is SiteKind.ATTENTION:
+            name = ".".join(filter(None, (path, "sdpa" if unique else f"sdpa_{index}")))
+        elif path and unique:
+            name = path
+        else:
+            name = ".".join(filter(None, (path, f"{kind.value}_{index}")))
         sites.append(Site(name, kind, node.name, reduction_axes=axes, reduction_size=k))
     return sites
 
@@ -163,6 +171,9 @@ def _assign(site: Site, recipe: Recipe) -> Site:
         if site.kind is SiteKind.CONV:
             problem = (f"{spec.format} scales blocks along K, which a convolution does not "
                        "have as a tensor axis")
+        elif site.kind is SiteKind.ATTENTION and (site.reduction_size or 1) % block_size:
+            problem = (f"{spec.format} needs the head dimension and the key/value sequence "
+                       f"length to be multiples of its block size {block_size}")
         elif site.reduction_size is None:
             problem = f"K is dynamic or unknown; {spec.format} needs a multiple of {block_size}"
         elif site.reduction_size % block_size:

@@ -22,6 +22,8 @@ class SiteKind(enum.Enum):
     LINEAR = "linear"
     MATMUL = "matmul"
     CONV = "conv"
+    #: a fused `scaled_dot_product_attention`, quantized at its query, key and value inputs
+    ATTENTION = "attention"
 
 
 class SiteStatus(enum.Enum):
@@ -31,8 +33,10 @@ class SiteStatus(enum.Enum):
 
 
 #: Input roles: "input" is the activation operand (first), "weight" the Linear/conv weight,
-#: "other" the second activation operand of an activation-activation matmul.
-ROLES = ("input", "weight", "other")
+#: "other" the second activation operand of an activation-activation matmul; "query", "key"
+#: and "value" the inputs of a fused attention (each quantizer addressable on its own, e.g.
+#: the key and value quantizers of a KV cache).
+ROLES = ("input", "weight", "other", "query", "key", "value")
 
 
 @dataclass
