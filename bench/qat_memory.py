@@ -21,6 +21,7 @@ Ratios are to the float step of the same mode (eager / compiled) at the same siz
     python bench/qat_memory.py                                  # full run, writes RESULTS.md
     python bench/qat_memory.py --tokens 512 --recipes int8 --no-write
     python bench/qat_memory.py --quick --no-write               # smoke run (tiny model)
+    python bench/qat_memory.py --from-logs a.log b.log          # table from split runs' output
 
 Peers (torchao QAT, ModelOpt) are measured where they import; otherwise their rows say why.
 """
@@ -28,6 +29,7 @@ Peers (torchao QAT, ModelOpt) are measured where they import; otherwise their ro
 from __future__ import annotations
 
 import argparse
+import ast
 import ctypes
 import json
 import os
@@ -220,11 +222,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--d-model", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--heads", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--from-logs", nargs="+", metavar="LOG",
+                        help="write the table from the progress lines of earlier runs (runs "
+                             "split over several processes) instead of measuring")
     args = parser.parse_args()
     if args.child:
         args.tokens = args.tokens[0]
         print(json.dumps(run_variant(args)))
         return
+    measured = read_logs(args.from_logs) if args.from_logs else {}
     lines = []
     for tokens in args.tokens:
         results = {}
@@ -232,7 +238,12 @@ def main() -> None:
             results[variant] = {}
             for mode in args.modes:
                 problem = peer_problem(variant) if variant.startswith("peer:") else ""
-                row = {"skipped": problem} if problem else measure(variant, mode, tokens, args)
+                if problem:
+                    row = {"skipped": problem}
+                elif args.from_logs:
+                    row = measured.get((tokens, variant, mode), {"skipped": "not run"})
+                else:
+                    row = measure(variant, mode, tokens, args)
                 results[variant][mode] = row
                 print(tokens, variant, mode, row, flush=True)
         for mode in ("eager", "compiled"):
@@ -252,6 +263,20 @@ def main() -> None:
                       f"device {args.device}, {args.steps} measured steps after one warm-up "
                       "step; CPU peak = max RSS of each variant's own process over the "
                       "measured steps (extra = peak - RSS before them).\n\n" + text)
+
+
+def read_logs(paths: list[str]) -> dict[tuple[int, str, str], dict]:
+    """(tokens, variant, mode) -> row, from the lines `main` prints as it measures."""
+    found = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            head, brace, row = line.partition(" {")
+            if not brace or not head.split(" ", 1)[0].isdigit():
+                continue
+            tokens, rest = head.split(" ", 1)
+            variant, mode = rest.rsplit(" ", 1)
+            found[int(tokens), variant, mode] = ast.literal_eval("{" + row)
+    return found
 
 
 def _cuda() -> bool:
