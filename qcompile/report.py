@@ -2,7 +2,7 @@
 
 This module owns what a user reads about a prepared model: each site's name, op kind, the
 format of each quantized input, the calibrated amax (or why there is none), and whether the
-site is quantized, excluded or unsupported, with the reason. It reads `model.qcompile_sites`
+site is quantized, excluded or unsupported, with the reason. It reads the sites through `passes.sites`
 and the quantizers' state; it changes nothing and knows nothing of how the model was built.
 """
 

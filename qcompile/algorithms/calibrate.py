@@ -33,7 +33,7 @@ from qcompile.algorithms.observers import (
     get_observer_class,
 )
 from qcompile.core.quantizer import Quantizer
-from qcompile.passes.sites import site_quantizers
+from qcompile.passes.sites import model_sites, site_quantizers
 
 
 @contextmanager
@@ -99,7 +99,7 @@ def calibrate(
     _check_num_batches(num_batches)
 
     quantizers = [(entry.label, entry.quantizer) for entry in site_quantizers(model)]
-    sites = getattr(model, "qcompile_sites", None)
+    sites = model_sites(model)
     if not quantizers and sites:
         reasons = "; ".join(f"{s.name}: {s.status.value}, {s.reason}" for s in sites[:4])
         raise ValueError(

@@ -35,7 +35,7 @@ from qcompile.algorithms.data import (
 )
 from qcompile.algorithms.rounding import ColumnRounder, UnsupportedWeight
 from qcompile.core.quantizer import Quantizer
-from qcompile.passes.sites import Site, SiteKind, SiteStatus
+from qcompile.passes.sites import Site, SiteKind, SiteStatus, model_sites
 
 #: Columns processed together (a multiple of every block size up to it).
 COLUMNS_PER_STEP = 128
@@ -129,7 +129,7 @@ class _HessianRecorder(nn.Module):
 
 def _targets(model: fx.GraphModule) -> list[_Target]:
     """The Linear sites whose weight is quantized."""
-    sites: list[Site] | None = getattr(model, "qcompile_sites", None)
+    sites: list[Site] | None = model_sites(model)
     if sites is None:
         raise ValueError("gptq needs a model prepared by qcompile.prepare (it reads its sites)")
     nodes = {node.name: node for node in model.graph.nodes}

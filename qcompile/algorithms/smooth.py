@@ -38,7 +38,7 @@ from qcompile.algorithms.data import (
 from qcompile.algorithms.observers import MaxObserver
 from qcompile.core.fake_quant import fake_quantize
 from qcompile.core.quantizer import Quantizer
-from qcompile.passes.sites import Site, SiteKind, SiteStatus
+from qcompile.passes.sites import Site, SiteKind, SiteStatus, model_sites
 
 #: Rows of each site's input kept for the alpha search (spread over the batches).
 SAMPLE_ROWS = 1024
@@ -74,7 +74,7 @@ class _Pair:
 
 
 def _smoothable(model: nn.Module) -> list[_Pair]:
-    sites: list[Site] | None = getattr(model, "qcompile_sites", None)
+    sites: list[Site] | None = model_sites(model)
     if sites is None:
         raise ValueError(
             "smooth needs a model prepared by qcompile.prepare (it reads the model's sites)"

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qcompile.demo import corpus, minilm
+from qcompile.passes.sites import model_sites
 
 BATCH_SIZE = 32
 MAX_LENGTH = 64
@@ -187,6 +188,6 @@ def run_demo(
           f"MB float); {export.inspect_summary}")
     print(f"ONNX parity (standard-ONNX export run by onnx.reference, {export.texts} texts): "
           f"mean cosine to PyTorch {export.parity_cosine:.6f}, max |diff| {export.parity_max_diff:.2e}")
-    print(f"\n{len(qmodel.qcompile_sites)} sites; report, results and plot in {output}/ "
+    print(f"\n{len(model_sites(qmodel))} sites; report, results and plot in {output}/ "
           f"({time.perf_counter() - started:.0f} s)")
     return results

@@ -40,7 +40,7 @@ from torch import nn
 
 from qcompile.core.quantizer import Quantizer
 from qcompile.input_check import TensorSpec
-from qcompile.passes.sites import SiteStatus
+from qcompile.passes.sites import SiteStatus, model_sites
 from qcompile.prepare import PreparedModel, prepare
 from qcompile.recipe import recipe_from_dict, recipe_to_dict
 from qcompile.version import __version__
@@ -115,7 +115,7 @@ def quantization_config(prepared: PreparedModel) -> dict[str, Any]:
             "reason": site.reason,
             "formats": {role: spec.to_dict() for role, spec in site.specs.items()},
         }
-        for site in prepared.qcompile_sites
+        for site in model_sites(prepared)
     }
     dtype = next((p.dtype for p in prepared.parameters() if p.is_floating_point()), None)
     return {
@@ -123,8 +123,8 @@ def quantization_config(prepared: PreparedModel) -> dict[str, Any]:
         "version": __version__,
         "recipe": recipe_to_dict(prepared.qcompile_recipe),
         "sites": sites,
-        "excluded": [s.name for s in prepared.qcompile_sites if s.status is SiteStatus.EXCLUDED],
-        "unsupported": [s.name for s in prepared.qcompile_sites
+        "excluded": [s.name for s in model_sites(prepared) if s.status is SiteStatus.EXCLUDED],
+        "unsupported": [s.name for s in model_sites(prepared)
                         if s.status is SiteStatus.UNSUPPORTED],
         "example_inputs": _example_inputs(prepared),
         "dynamic": prepared.qcompile_inputs.dynamic,
@@ -255,7 +255,7 @@ def read_checkpoint(
     prepared = prepare(model, recipe_from_dict(entry["recipe"]),
                        example_kwargs=_example_kwargs(entry, torch.device("meta")),
                        dynamic=entry["dynamic"])
-    rebuilt = [s.name for s in prepared.qcompile_sites]
+    rebuilt = [s.name for s in model_sites(prepared)]
     if sorted(rebuilt) != sorted(entry["sites"]):
         differ = sorted(set(rebuilt) ^ set(entry["sites"]))[:4]
         raise ValueError(

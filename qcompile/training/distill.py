@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qcompile.passes.sites import model_sites
+
 OUTPUT_LOSSES = ("kl", "mse", "cosine")
 FEATURE_LOSSES = ("mse", "cosine")
 
@@ -76,7 +78,7 @@ _NAMING_HINT = (
 
 def _input_capture_point(model: nn.Module, name: str) -> nn.Module:
     """The module whose input is the activation entering site or module `name`."""
-    for site in getattr(model, "qcompile_sites", ()):
+    for site in model_sites(model) or ():
         if site.name == name:
             if "input" not in site.quantizers:
                 raise ValueError(

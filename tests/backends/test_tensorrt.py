@@ -22,8 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import qcompile as qc
-import qcompile.backends
-from qcompile.backends import tensorrt as trt_backend
+import qcompile.backends.tensorrt
+from qcompile.backends.tensorrt import engine as trt_backend
 from qcompile.backends.onnx.rules import inspect_onnx
 from qcompile.backends.tensorrt.engine import (
     EngineBuildError,
@@ -297,7 +297,7 @@ def test_missing_tensorrt_says_how_to_install(no_trt, tmp_path):
 
 def test_importing_qcompile_needs_no_tensorrt(no_trt, monkeypatch):
     monkeypatch.delitem(sys.modules, "qcompile.backends.tensorrt.engine")
-    monkeypatch.setattr(qcompile.backends, "tensorrt", trt_backend)  # restored after the test
+    monkeypatch.setattr(qcompile.backends.tensorrt, "engine", trt_backend)  # restored after the test
     module = importlib.import_module("qcompile.backends.tensorrt.engine")  # a fresh import, no tensorrt
     assert qc.build_engine is module.build_engine and qc.run_engine is module.run_engine
     assert {"build_engine", "run_engine"} <= set(qc.__all__)

@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
 import qcompile as qc  # noqa: E402
+from qcompile.training.distill import kl_divergence  # noqa: E402
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -47,7 +48,7 @@ def test_qad_with_the_trainer_reduces_the_kl_and_leaves_the_teacher_alone(tmp_pa
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         student.eval()
         with torch.no_grad():
-            return qc.distill.kl_divergence(teacher(**inputs).logits, student(**inputs).logits,
+            return kl_divergence(teacher(**inputs).logits, student(**inputs).logits,
                                             1.0).item()
 
     before = mean_kl()
