@@ -73,7 +73,7 @@ def activations(graph: fx.Graph) -> set[fx.Node]:
     return found
 
 
-def _module_path(node: fx.Node) -> str:
+def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
@@ -134,7 +134,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_function":
-            path = _module_path(node)
+            path = module_path(node)
             found += [(node, path, *d) for d in _describe(node, data)]
     counts = defaultdict(int)
     for _, path, kind, _, _ in found:
@@ -151,8 +151,19 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             name = path
         else:
             name = ".".join(filter(None, (path, f"{kind.value}_{index}")))
-        sites.append(Site(name, kind, node.name, reduction_axes=axes, reduction_size=k))
+        sites.append(Site(name, kind, node.name, reduction_axes=axes, reduction_size=k,
+                          weight_size=_weight_size(node, kind)))
     return sites
+
+
+def _weight_size(node: fx.Node, kind: SiteKind) -> int | None:
+    """Elements of the weight operand of a Linear/conv node, where its shape is known."""
+    if kind is SiteKind.MATMUL:
+        return None
+    dims = shape(get_operand(node.args, operand_positions(node)["weight"]))
+    if dims is None or not all(is_concrete_int(d) for d in dims):
+        return None
+    return math.prod(int(d) for d in dims)
 
 
 def assign_specs(sites: list[Site], recipe: Recipe) -> list[Site]:

@@ -24,6 +24,9 @@ class SiteKind(enum.Enum):
     CONV = "conv"
     #: a fused `scaled_dot_product_attention`, quantized at its query, key and value inputs
     ATTENTION = "attention"
+    #: The key and value states entering an attention op, as a serving engine's KV cache
+    #: stores them (`Recipe.kv_cache`); the site is named by the attention module.
+    KV_CACHE = "kv_cache"
 
 
 class SiteStatus(enum.Enum):
@@ -34,8 +37,8 @@ class SiteStatus(enum.Enum):
 
 #: Input roles: "input" is the activation operand (first), "weight" the Linear/conv weight,
 #: "other" the second activation operand of an activation-activation matmul; "query", "key"
-#: and "value" the inputs of a fused attention (each quantizer addressable on its own, e.g.
-#: the key and value quantizers of a KV cache).
+#: and "value" the inputs of a fused attention site, "key" and "value" also the states a
+#: KV-cache site quantizes (each quantizer addressable on its own).
 ROLES = ("input", "weight", "other", "query", "key", "value")
 
 
@@ -54,6 +57,9 @@ class Site:
     reduction_axes: dict[str, int] = field(default_factory=dict)
     #: K, the length of the reduced axis; None where it is dynamic or unknown.
     reduction_size: int | None = None
+    #: Number of elements of the weight of a Linear/conv site (None for an activation-activation
+    #: matmul, or where the shape is unknown): what effective-bits budgets count.
+    weight_size: int | None = None
 
 
 @dataclass(frozen=True)

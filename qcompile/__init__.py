@@ -1,10 +1,11 @@
 """qcompile: make a PyTorch model deployable in low precision.
 
 `prepare` (capture and insert quantizers), functional numerics (`fake_quantize`), calibration
-(`calibrate`, `smooth`, `gptq`), distillation (`Distiller`, `train`), the per-site `report`, checkpoints
+(`calibrate`, `smooth`, `gptq`), mixed precision by measurement (`auto_recipe`), distillation (`Distiller`, `train`), the per-site `report`, checkpoints
 (`save`, `load`) and FSDP2 sharding (`fully_shard`). See README.md for the tour.
 """
 
+from qcompile.algorithms.auto_recipe import auto_recipe
 from qcompile.algorithms.calibrate import CalibrationWarning, calibrate
 from qcompile.algorithms.gptq import gptq
 from qcompile.algorithms.smooth import smooth
@@ -40,6 +41,7 @@ __all__ = [
     "QuantSpec",
     "Quantizer",
     "Report",
+    "auto_recipe",
     "calibrate",
     "fake_quantize",
     "freeze",

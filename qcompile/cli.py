@@ -1,4 +1,4 @@
-"""The `qcompile` command line: `demo`, `inspect`, `build`, `formats`.
+"""The `qcompile` command line: `demo`, `inspect`, `build`, `export-checkpoint`, `formats`.
 
 Each subcommand parses its arguments and calls the public API; no logic lives here.
 """
@@ -83,6 +83,25 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_checkpoint(args: argparse.Namespace) -> int:
+    from qcompile import hf
+
+    tokenizer = None
+    if args.tokenizer:
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
+    qmodel = hf.load_quantized(args.source)
+    try:
+        path = hf.export_checkpoint(qmodel, args.output, args.format, overwrite=args.overwrite,
+                                    tokenizer=tokenizer, max_shard_size=args.max_shard_size)
+    except (ValueError, TypeError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({args.format}); serve it with: vllm serve {path}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from qcompile.demo.run import run_demo
 
@@ -136,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.add_argument("--strict", action="store_true", help="refuse to build if inspect warns")
     build.set_defaults(run=_build)
+
+    export = commands.add_parser(
+        "export-checkpoint",
+        help="write a saved quantized model (hf.save_quantized) as a checkpoint that vLLM, "
+             "SGLang and TensorRT-LLM serve",
+    )
+    export.add_argument("source", help="directory written by qcompile.hf.save_quantized")
+    export.add_argument("output", help="the checkpoint directory to write")
+    export.add_argument("--format", default="modelopt", choices=["modelopt", "compressed-tensors"])
+    export.add_argument("--tokenizer", help="tokenizer to save alongside (path or hub name)")
+    export.add_argument("--max-shard-size", default="5GB", help="shard size (default: 5GB)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output")
+    export.set_defaults(run=_export_checkpoint)
 
     formats = commands.add_parser("formats", help="list the quantization formats")
     formats.set_defaults(run=_formats)

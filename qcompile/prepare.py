@@ -26,6 +26,7 @@ from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.capture import CaptureError, capture, site_operand_problem
 from qcompile.passes.devices import retarget_devices
 from qcompile.passes.insert import insert_quantizers
+from qcompile.passes.kv_cache import kv_cache_sites
 from qcompile.passes.match import assign_specs, find_sites
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
 from qcompile.passes.train_mode import bind_training_mode
@@ -160,6 +161,7 @@ def prepare(
     )
     sites = quantize_graph(gm, recipe, type(model).__name__)
     _warn_unmatched(recipe, sites)
+    _warn_no_kv_cache(recipe, sites)
     bind_training_mode(gm)
     prepared = _as_prepared(gm, sites, recipe, inputs, type(model).__name__)
     prepared.train(model.training)
@@ -183,12 +185,13 @@ def quantize_graph(gm: fx.GraphModule, recipe: Recipe, model_name: str = "the mo
     problem = site_operand_problem(gm, sites)
     if problem is not None:
         raise CaptureError(f"cannot capture {model_name}: {problem}")
+    kv_cache = insert_quantizers(gm, kv_cache_sites(gm, recipe))  # in front of the fused op
     if recipe.attention == "products":
         attention = _quantized_attention(sites)
         if attention:
             decompose_sdpa(gm, attention)
             sites = assign_specs(find_sites(gm), recipe)
-    return insert_quantizers(gm, sites)
+    return insert_quantizers(gm, sites) + kv_cache
 
 
 def _check_not_prepared(model: nn.Module) -> None:
@@ -216,6 +219,16 @@ def _warn_unmatched(recipe: Recipe, sites: list[Site]) -> None:
         warnings.warn(
             f"{kind} pattern {pattern!r} matches no site{hint}; the {len(names)} sites are "
             f"named like: {shown or '(none)'} (qcompile.report(qmodel) lists them all)",
+            PrepareWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_no_kv_cache(recipe: Recipe, sites: list[Site]) -> None:
+    if recipe.kv_cache is not None and not any(s.kind is SiteKind.KV_CACHE for s in sites):
+        warnings.warn(
+            f"kv_cache={recipe.kv_cache!r} found no scaled_dot_product_attention to quantize "
+            "the key and value of; load a Hugging Face model with attn_implementation='sdpa'",
             PrepareWarning,
             stacklevel=3,
         )

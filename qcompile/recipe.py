@@ -2,8 +2,12 @@
 
 A `Recipe` says, per site kind (Linear, activation-activation matmul, fused attention,
 convolution), which `QuantSpec` guards the weight and which the activation input, which sites
-stay in float (`exclude` glob patterns on site names) and per-site overrides. The named recipes (`int8`,
-`fp8`, `nvfp4`, `mxfp4`, `mxfp8`, `int4`, `w4a8`) are plain instances in `RECIPES`.
+stay in float (`exclude` glob patterns on site names) and per-site overrides. The named recipes
+(`int8`, `fp8`, `nvfp4`, `mxfp4`, `mxfp8`, `int4`, `w4a8`) are plain instances in `RECIPES`. A
+recipe also says how a fused attention is quantized (`attention`), whether the attention's key
+and value states are quantized as a serving engine's KV cache stores them (`kv_cache`), and
+whether layers that serving engines fuse into one matmul (q/k/v, gate/up: `fused_group`) share
+their per-tensor scales (`tie_fused`).
 This module decides *what* to quantize; it knows nothing of graphs (passes apply it) or of
 numerics (the specs describe formats, `qcompile.core.quantizer` runs them).
 """
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qcompile.core.formats import get_format
-from qcompile.core.quantizer import QuantSpec
+from qcompile.core.quantizer import Granularity, QuantSpec
 from qcompile.passes.sites import SiteKind
 
 #: `Recipe.attention` values and what each quantizes.
@@ -24,6 +28,29 @@ ATTENTION_MODES: dict[str, str] = {
     "qkv": "query, key and value in front of the fused attention",
     "products": "decompose the attention and quantize both products, softmax output included",
 }
+
+#: Sibling Linear layers that serving engines (vLLM, SGLang, TensorRT-LLM) run as one matmul
+#: with one input scale and one per-tensor weight scale: q/k/v -> qkv_proj, gate/up ->
+#: gate_up_proj, Mixtral's w1/w3.
+FUSED_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("qkv", frozenset({"q_proj", "k_proj", "v_proj"})),
+    ("gate_up", frozenset({"gate_proj", "up_proj"})),
+    ("w13", frozenset({"w1", "w3"})),
+)
+
+#: KV-cache formats (`Recipe.kv_cache`): the per-tensor format of the stored keys and values.
+KV_CACHE_FORMATS = ("fp8",)
+
+
+def fused_group(name: str) -> str | None:
+    """The fused layer a Linear site belongs to (`model.layers.0.self_attn.qkv` for
+    `model.layers.0.self_attn.k_proj`), or None for a layer that engines run on its own."""
+    parent, _, leaf = name.rpartition(".")
+    for fused, members in FUSED_LAYERS:
+        if leaf in members:
+            return f"{parent}.{fused}" if parent else fused
+    return None
+
 
 #: Output heads stay in float unless an override names them.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
@@ -94,6 +121,14 @@ class Recipe:
             in the order given; the first matching pattern wins.
         learn_scales: calibrated (static) int8/int4/fp8 ranges become learnable parameters
             (LSQ-style) for QAT.
+        kv_cache: "fp8" quantizes the key and value states that enter each
+            `scaled_dot_product_attention` (after RoPE), per tensor with a calibrated scale, as
+            a serving engine's FP8 KV cache stores them (sites of kind `kv_cache`, roles `key`
+            and `value`); None leaves them in float.
+        tie_fused: layers that serving engines fuse (`fused_group`: q/k/v, gate/up) get one
+            calibrated input amax and, where their weight scale is per tensor (nvfp4's global
+            scale, per-tensor fp8/int8), one static weight amax, the max over the group, so the
+            checkpoint's scales are equal as the engines need (`qcompile.calibrate` ties them).
     """
 
     name: str = "custom"
@@ -105,6 +140,8 @@ class Recipe:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     overrides: tuple[tuple[str, SiteSpecs | None], ...] = ()
     learn_scales: bool = False
+    kv_cache: str | None = None
+    tie_fused: bool = True
 
     def __post_init__(self) -> None:
         for kind in ("linear", "matmul", "conv"):
@@ -128,7 +165,12 @@ class Recipe:
                 f"Recipe.attention={self.attention!r}; valid: "
                 + ", ".join(f"{mode!r} ({what})" for mode, what in ATTENTION_MODES.items())
             )
-        for flag in ("quantize_matmul", "learn_scales"):
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_FORMATS:
+            raise ValueError(
+                f"kv_cache={self.kv_cache!r} is not a KV-cache format; use one of "
+                f"{', '.join(map(repr, KV_CACHE_FORMATS))} or None"
+            )
+        for flag in ("quantize_matmul", "learn_scales", "tie_fused"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"Recipe.{flag} must be True or False")
         if self.learn_scales and not any(
@@ -158,6 +200,24 @@ class Recipe:
 
     def resolve(self, name: str, kind: SiteKind) -> tuple[dict[str, QuantSpec], str]:
         """Role -> spec for the site `name`, or ({}, reason) where it stays float."""
+        if kind is SiteKind.KV_CACHE:
+            return self._kv_cache(name)
+        roles, reason = self._resolve(name, kind)
+        if self.tie_fused and kind is SiteKind.LINEAR and fused_group(name) is not None:
+            roles = {role: _static_per_tensor(spec) if role == "weight" else spec
+                     for role, spec in roles.items()}
+        return roles, reason
+
+    def _kv_cache(self, name: str) -> tuple[dict[str, QuantSpec], str]:
+        if self.kv_cache is None:
+            return {}, "kv_cache=None"
+        for pattern in self.exclude:
+            if fnmatch.fnmatchcase(name, pattern):
+                return {}, f"excluded (exclude pattern {pattern!r})"
+        spec = QuantSpec(self.kv_cache)
+        return self._finish({"key": spec, "value": spec}), ""
+
+    def _resolve(self, name: str, kind: SiteKind) -> tuple[dict[str, QuantSpec], str]:
         for pattern, specs in self.overrides:
             if fnmatch.fnmatchcase(name, pattern):
                 if specs is None:
@@ -172,6 +232,13 @@ class Recipe:
             return {}, "quantize_matmul=False"
         roles = self._finish(specs.roles(kind))
         return roles, "" if roles else f"recipe {self.name!r} quantizes no input of a {kind.value}"
+
+    def excludes(self, name: str) -> bool:
+        """Whether an `exclude` pattern (and no override) keeps the site `name` in float.
+        Effective bits per weight leave such sites out (output heads, by default)."""
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern, _ in self.overrides):
+            return False
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude)
 
     def unmatched_patterns(self, names: list[str]) -> list[tuple[str, str]]:
         """("exclude" or "override", pattern) for each user pattern that matches none of
@@ -194,7 +261,7 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         """Whether any spec of this recipe has a static (calibrated) range."""
-        return any(
+        return self.kv_cache is not None or any(
             spec.needs_calibration
             for specs in self._all_specs()
             for spec in (specs.weight, specs.input)
@@ -213,6 +280,11 @@ class Recipe:
                 f"recipe {self.name!r} learns its ranges (learn_scales=True), which needs "
                 "calibrated starting values; prepare and calibrate the model instead"
             )
+        if self.kv_cache is not None:
+            raise ValueError(
+                f"recipe {self.name!r} quantizes the KV cache (kv_cache={self.kv_cache!r}) "
+                "with calibrated scales; prepare and calibrate the model, or drop kv_cache"
+            )
 
         def dynamic(specs: SiteSpecs | None) -> SiteSpecs | None:
             if specs is None:
@@ -228,7 +300,17 @@ class Recipe:
             matmul=dynamic(self.matmul),
             conv=dynamic(self.conv),
             overrides=tuple((pattern, dynamic(specs)) for pattern, specs in self.overrides),
+            tie_fused=False,  # a tie needs calibrated (static) ranges
         )
+
+
+def _static_per_tensor(spec: QuantSpec) -> QuantSpec:
+    """A dynamic weight spec whose amax is per tensor, made static so that fused layers can
+    share it (nvfp4's global amax, per-tensor fp8/int8); other specs as they are."""
+    if (spec.dynamic and get_format(spec.format).static_amax
+            and spec.granularity is Granularity.TENSOR):
+        return spec.with_(dynamic=False)
+    return spec
 
 
 def _learnable(spec: QuantSpec) -> bool:
@@ -332,6 +414,8 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
         "exclude": list(recipe.exclude),
         "overrides": [[pattern, specs(s)] for pattern, s in recipe.overrides],
         "learn_scales": recipe.learn_scales,
+        "kv_cache": recipe.kv_cache,
+        "tie_fused": recipe.tie_fused,
     }
 
 
@@ -355,4 +439,6 @@ def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
         exclude=tuple(data.get("exclude", DEFAULT_EXCLUDE)),
         overrides=tuple((pattern, specs(s)) for pattern, s in data.get("overrides", ())),
         learn_scales=data.get("learn_scales", False),
+        kv_cache=data.get("kv_cache"),
+        tie_fused=data.get("tie_fused", False),
     )

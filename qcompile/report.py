@@ -2,8 +2,9 @@
 
 This module owns what a user reads about a prepared model: each site's name, op kind, the
 format of each quantized input, the calibrated amax (or why there is none), and whether the
-site is quantized, excluded or unsupported, with the reason. It reads the sites through `passes.sites`
-and the quantizers' state; it changes nothing and knows nothing of how the model was built.
+site is quantized, excluded or unsupported, with the reason, and the effective bits per
+weight. It reads the sites through `passes.sites` and the quantizers' state; it changes nothing
+and knows nothing of how the model was built.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ class Report:
     """The rows of `report(model)`; `str()` (and the REPL) show them as an aligned table."""
 
     rows: list[SiteRow]
+    #: Bits stored per weight element over the weights of all Linear/conv sites (scales
+    #: included; float sites count 16), or None where no site's weight size is known.
+    effective_bits: float | None = None
 
     def as_dicts(self) -> list[dict[str, str]]:
         return [asdict(row) for row in self.rows]
 
     def __str__(self) -> str:
-        return format_report(self.rows)
+        return format_report(self.rows, self.effective_bits)
 
     __repr__ = __str__
 
@@ -105,7 +109,29 @@ def report_rows(model: nn.Module) -> list[SiteRow]:
     ]
 
 
-def format_report(rows: list[SiteRow]) -> str:
+def effective_bits(model: nn.Module) -> float | None:
+    """Bits per weight element of a prepared model's Linear/conv sites, scales included (nvfp4
+    4.5, fp8 8, float 16), weighted by each site's weight size; sites that an `exclude` pattern
+    of the recipe keeps in float (output heads) are left out. None if no size is known."""
+    sites = model_sites(model) or []
+    recipe = getattr(model, "qcompile_recipe", None)
+    weights = {e.site.name: e.quantizer for e in site_quantizers(model)
+               if e.site is not None and e.role == "weight"}
+    total, bits = 0, 0.0
+    for site in sites:
+        if not site.weight_size or (recipe is not None and recipe.excludes(site.name)):
+            continue
+        quantizer = weights.get(site.name)
+        per_element = 16.0
+        if quantizer is not None and quantizer.enabled:
+            spec = quantizer.spec
+            per_element = float(get_format(spec.format).storage_bits(spec.block_size))
+        total += site.weight_size
+        bits += site.weight_size * per_element
+    return bits / total if total else None
+
+
+def format_report(rows: list[SiteRow], effective_bits: float | None = None) -> str:
     """An aligned text table of `rows` with a header and a one-line summary."""
     header = [f.name for f in fields(SiteRow)]
     table = [header] + [[getattr(row, name) for name in header] for row in rows]
@@ -115,9 +141,12 @@ def format_report(rows: list[SiteRow]) -> str:
     counts = {status: sum(row.status == status for row in rows)
               for status in ("quantized", "excluded", "unsupported")}
     summary = f"{len(rows)} sites: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+    if effective_bits is not None:
+        summary += (f"; {effective_bits:.2f} effective bits per weight (scales included, "
+                    "float 16, excluded sites not counted)")
     return "\n".join([*lines, summary])
 
 
 def report(model: nn.Module) -> Report:
     """The sites of a prepared model, their formats, amax and status; print it for a table."""
-    return Report(report_rows(model))
+    return Report(report_rows(model), effective_bits(model))

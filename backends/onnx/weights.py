@@ -2,7 +2,7 @@
 
 This module owns the torch side of storing weights quantized: it finds the `Quantizer`
 modules whose input is a parameter of the model (one probing forward pass), quantizes that
-parameter once with `qcompile.core.numerics` (the very arithmetic of the eval-mode model), and
+parameter once with `qcompile.core.weights` (the very arithmetic of the eval-mode model), and
 swaps each such quantizer for a `QuantizedWeight` module that calls the export-only op
 `qcompile_onnx::dequantize_weight` on the precomputed element values and scales. The ONNX
 translation of that op (`backends.onnx.translations`) writes them as a low-precision
@@ -14,17 +14,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from qcompile.core import numerics
-from qcompile.core.fake_quant import canonical_amax
-from qcompile.core.formats import ScaleKind, get_format
 from qcompile.core.quantizer import Quantizer
-
-_E8M0_BIAS = 127
+from qcompile.core.weights import WeightQuantization, quantize_weight
 
 
 @torch.library.custom_op("qcompile_onnx::dequantize_weight", mutates_args=())
@@ -41,65 +36,14 @@ def dequantize_weight(
     `scale` is a 0-d tensor, a 1-d per-channel tensor along `axis`, or, with `block_size`
     > 0, one value per block of the last axis (shape `values.shape[:-1] + (K // block_size,)`),
     stored as fp32, or as uint8 E8M0 exponents for TensorRT's MXFP8. NVFP4 multiplies its E4M3
-    block scales by `global_scale`.
+    block scales by `global_scale` (`qcompile.core.weights.WeightQuantization.dequantize`).
     """
-    if scale.dtype == torch.uint8:
-        scale = numerics.exp2_int(scale.to(torch.int32) - _E8M0_BIAS)
-    if global_scale is not None:
-        scale = scale * global_scale
-    if block_size > 0:
-        return (numerics.to_blocks(values, block_size) * scale.unsqueeze(-1)).flatten(-2)
-    if scale.ndim == 1:
-        shape = [1] * values.ndim
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-    return values * scale
+    return WeightQuantization(values, scale, global_scale, block_size, axis).dequantize()
 
 
 @dequantize_weight.register_fake
 def _(values, scale, global_scale, format, block_size, axis):
     return torch.empty_like(values)
-
-
-@dataclass
-class WeightQuantization:
-    """A weight quantized once: element values (fp32, weight layout) and their scales."""
-
-    values: torch.Tensor
-    scale: torch.Tensor
-    global_scale: torch.Tensor | None
-    block_size: int
-    axis: int
-
-
-def quantize_weight(weight: torch.Tensor, quantizer: Quantizer, e8m0_scales: bool) -> WeightQuantization:
-    """Quantize `weight` exactly as `quantizer` does in eval mode (`qcompile.core.numerics`),
-    its SmoothQuant `pre_scale` included.
-
-    `e8m0_scales`: store MX scales as uint8 E8M0 exponents (TensorRT) instead of fp32.
-    """
-    spec = quantizer.spec
-    fmt = get_format(spec.format)
-    block_size = fmt.resolve_block_size(spec.block_size)
-    w = weight.detach().float()
-    if quantizer.pre_scale is not None:  # SmoothQuant: stored weight is W * s
-        w = w * quantizer.pre_scale.detach().float()
-    amax = None if spec.dynamic else quantizer.amax.detach()
-    amax = canonical_amax(w, fmt, amax, spec.axis, block_size)
-    values, scales = numerics.quantize(w, amax, fmt, block_size)
-    values = numerics.from_blocks(values, block_size)
-    if block_size is not None:
-        scale = scales.block_scale if fmt.scale is ScaleKind.E4M3_TWO_LEVEL else scales.scale
-        scale = scale.expand(*w.shape[:-1], w.shape[-1] // block_size, 1).squeeze(-1)
-        if e8m0_scales and fmt.scale is ScaleKind.E8M0:
-            scale = ((scale.contiguous().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
-        global_scale = scales.global_scale
-        return WeightQuantization(values, scale.contiguous(), global_scale, block_size, w.ndim - 1)
-    scale = scales.scale
-    if scale.numel() == 1:
-        return WeightQuantization(values, scale.reshape(()), None, 0, 0)
-    axis = next(d for d, n in enumerate(scale.shape) if n != 1)
-    return WeightQuantization(values, scale.reshape(-1), None, 0, axis)
 
 
 class QuantizedWeight(nn.Module):

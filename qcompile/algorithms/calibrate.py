@@ -6,7 +6,8 @@ gradients, and installing the amax each observer computes, or, on any error, lea
 model as it was. The statistics live in `qcompile.algorithms.observers`, and their merging across the
 ranks of a distributed run in `qcompile.algorithms.data`; this module knows nothing of formats
 beyond `QuantSpec.needs_calibration`. Messages that are information, not errors, go
-through `warnings` as `CalibrationWarning`.
+through `warnings` as `CalibrationWarning`. Where the recipe ties fused layers (`Recipe.tie_fused`:
+q/k/v, gate/up), their per-tensor ranges are tied here: one amax, the max over the group.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from qcompile.algorithms.data import (
 )
 from qcompile.algorithms.observers import (
     AmaxObserver,
+    MaxObserver,
     check_percentile,
     get_observer_class,
 )
-from qcompile.core.quantizer import Quantizer
-from qcompile.passes.sites import model_sites, site_quantizers
+from qcompile.core.quantizer import Granularity, Quantizer
+from qcompile.passes.sites import SiteKind, model_sites, site_quantizers
+from qcompile.recipe import fused_group
 
 
 @contextmanager
@@ -98,7 +101,12 @@ def calibrate(
         options["percentile"] = check_percentile(percentile)
     _check_num_batches(num_batches)
 
-    quantizers = [(entry.label, entry.quantizer) for entry in site_quantizers(model)]
+    entries = site_quantizers(model)
+    quantizers = [(entry.label, entry.quantizer) for entry in entries]
+    # A fused layer's static weight amax is the weight's max, whatever the method (as the
+    # dynamic weight amax it replaces); the tie then takes the max over the group.
+    fused_weights = {id(e.quantizer) for e in entries
+                     if e.role == "weight" and fused_group(e.path.rpartition(".")[0])}
     sites = model_sites(model)
     if not quantizers and sites:
         reasons = "; ".join(f"{s.name}: {s.status.value}, {s.reason}" for s in sites[:4])
@@ -126,7 +134,8 @@ def calibrate(
             f"(learn_scales) become new parameters at calibration, which {wrapper} would "
             "neither synchronize nor shard"
         )
-    observers = {q: observer_class(q.spec, name, **options) for name, q in targets}
+    observers = {q: MaxObserver(q.spec, name) if id(q) in fused_weights
+                 else observer_class(q.spec, name, **options) for name, q in targets}
     labelled = [(name, observers[q]) for name, q in targets]
     with merged_across_ranks(labelled), eval_mode(model), _attached(observers):
         run_data(model, data, num_batches, progress and is_main_process())
@@ -141,4 +150,47 @@ def calibrate(
     amaxes = {q: obs.compute_amax() for q, obs in observers.items() if obs.num_batches}
     for quantizer, amax in amaxes.items():
         quantizer.set_amax(amax)
+    tie_fused_ranges(model)
     return model
+
+
+def tie_fused_ranges(model: nn.Module) -> list[list[str]]:
+    """Give the layers that serving engines fuse (`qcompile.recipe.fused_group`: q/k/v,
+    gate/up) one per-tensor amax per role, the max over the group, wherever their specs
+    agree and the amax is static and calibrated. A learned amax becomes one parameter that the
+    group shares, so QAT keeps it tied. Only in prepared models (also when wrapped, as in a
+    `QuantizedCausalLM`) whose recipe has `tie_fused`. Returns the tied groups' labels."""
+    prepared = [m for m in model.modules() if model_sites(m) is not None
+                and getattr(m, "qcompile_recipe", None) is not None and m.qcompile_recipe.tie_fused]
+    return [group for m in prepared for group in _tie(m)]
+
+
+def _tie(model: nn.Module) -> list[list[str]]:
+    groups: dict[tuple, list] = {}
+    for entry in site_quantizers(model):
+        quantizer = entry.quantizer
+        if (entry.site is None or entry.site.kind is not SiteKind.LINEAR
+                or not quantizer.enabled or quantizer.spec.dynamic or not quantizer.calibrated
+                or quantizer.spec.granularity is not Granularity.TENSOR):
+            continue
+        group = fused_group(entry.site.name)
+        if group is not None:
+            groups.setdefault((group, entry.role, quantizer.spec), []).append(entry)
+    tied = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        first = members[0].quantizer
+        amax = max((m.quantizer.amax.detach().float().reshape(()) for m in members),
+                   key=float)
+        first.set_amax(amax.clone())
+        for member in members[1:]:
+            quantizer = member.quantizer
+            if first.spec.learn_amax:  # one parameter: an optimizer step moves all alike
+                quantizer.reset_amax()
+                del quantizer._buffers["amax"]
+                quantizer.amax = first.amax
+            else:  # equal values, separate buffers
+                quantizer.set_amax(amax.clone())
+        tied.append([m.label for m in members])
+    return tied

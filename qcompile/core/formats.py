@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from fractions import Fraction
 
 
 class ElementKind(enum.Enum):
@@ -109,6 +110,15 @@ class QuantFormat:
                 f"block_size={block_size} is not {self.name}. Leave block_size unset."
             )
         return block_size
+
+    def storage_bits(self, block_size: int | None = None) -> Fraction:
+        """Bits stored per element, block scales included (NVFP4 4 + 8/16 = 4.5, MXFP4 4.25,
+        int4 with fp32 scales per 128 4.25); one scale per tensor or channel counts as 0."""
+        block = self.resolve_block_size(block_size)
+        if block is None:
+            return Fraction(self.element.bits)
+        scale_bits = 32 if self.scale is ScaleKind.FP32 else 8  # fp32, or E4M3 / E8M0
+        return self.element.bits + Fraction(scale_bits, block)
 
 
 FORMATS: dict[str, QuantFormat] = {

@@ -117,6 +117,17 @@ class Scales:
     global_scale: torch.Tensor | None = None
 
 
+def amax_scale(amax: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """The fp32 scale an amax stands for: `amax / max` for FP32 scales, the global scale
+    `amax / (max * 448)` for two-level E4M3 x fp32 (NVFP4). What checkpoints store as a
+    tensor's scale is this, computed here once."""
+    if fmt.scale is ScaleKind.FP32:
+        return amax / fmt.element.max_value
+    if fmt.scale is ScaleKind.E4M3_TWO_LEVEL:
+        return amax / (fmt.element.max_value * E4M3_MAX)
+    raise ValueError(f"{fmt.name} scales are not derived from an amax")
+
+
 def compute_scales(
     xb: torch.Tensor, amax: torch.Tensor | None, fmt: QuantFormat, block_size: int | None
 ) -> Scales:
@@ -125,12 +136,12 @@ def compute_scales(
     if fmt.scale is ScaleKind.FP32:
         if amax is None:
             amax = dynamic_amax(xb, block_size)
-        return Scales(amax / element.max_value)
+        return Scales(amax_scale(amax, fmt))
     block_amax = dynamic_amax(xb, block_size)
     if fmt.scale is ScaleKind.E4M3_TWO_LEVEL:
         if amax is None:
             amax = finite_abs(xb).amax()
-        global_scale = amax / (element.max_value * E4M3_MAX)
+        global_scale = amax_scale(amax, fmt)
         raw = (block_amax / element.max_value) / global_scale
         raw = torch.where(global_scale > 0, raw, torch.zeros_like(raw))
         block_scale = e4m3_block_scale(raw)

@@ -153,9 +153,10 @@ class Quantizer(nn.Module):
 
     def reset_amax(self) -> None:
         """Back to uncalibrated (an empty buffer, also where the amax was learned)."""
+        device = self.amax.device
         if "amax" in self._parameters:
             del self._parameters["amax"]
-        self.register_buffer("amax", torch.empty(0, device=self.amax.device))
+        self.register_buffer("amax", torch.empty(0, device=device))
 
     def set_pre_scale(self, pre_scale: torch.Tensor | None) -> None:
         """Install (or, with None, remove) the per-channel factor along the last axis."""

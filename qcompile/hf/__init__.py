@@ -4,7 +4,9 @@
 float teacher's outputs on the same batch, KL on logits (labels are dropped; none are needed).
 `prepare_causal_lm` / `QuantizedCausalLM` (in `causal_lm`) make a prepared causal LM that
 `generate()` drives; `save_quantized` / `load_quantized` (in `checkpoint`) write and read a
-`save_pretrained`-style directory with a `quantization_config`. Import this module only where
+`save_pretrained`-style directory with a `quantization_config`; `export_checkpoint` /
+`load_checkpoint` (in `serving`) write and read the quantized checkpoints that vLLM, SGLang and
+TensorRT-LLM serve (ModelOpt's unified format or compressed-tensors). Import this module only where
 transformers is installed; the rest of qcompile never needs it.
 """
 
@@ -19,11 +21,15 @@ from torch import nn
 
 from qcompile.hf.causal_lm import QuantizedCausalLM, prepare_causal_lm
 from qcompile.hf.checkpoint import read_checkpoint, save_quantized
+from qcompile.hf.serving import InexpressibleError, export_checkpoint, load_checkpoint
 from qcompile.prepare import PreparedModel
 from qcompile.training.distill import Distiller
 
 __all__ = [
+    "InexpressibleError",
     "QADTrainer",
+    "export_checkpoint",
+    "load_checkpoint",
     "QuantizedCausalLM",
     "load_quantized",
     "prepare_causal_lm",

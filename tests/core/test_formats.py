@@ -110,3 +110,13 @@ def test_invalid_rows_are_refused():
         QuantFormat("bad", INT8, ScaleKind.FP32, block_size=0)
     with pytest.raises(ValueError, match="straddle zero"):
         ElementType("bad", ElementKind.INT, 4, max_value=7.0, min_value=0.0)
+
+
+def test_storage_bits_count_the_block_scales():
+    from qcompile.core.formats import get_format
+
+    expected = {"nvfp4": 4 + 8 / 16, "mxfp4": 4 + 8 / 32, "mxfp8": 8 + 8 / 32,
+                "int4": 4 + 32 / 128, "fp8": 8, "int8": 8}
+    for name, bits in expected.items():
+        assert float(get_format(name).storage_bits()) == bits, name
+    assert float(get_format("int4").storage_bits(32)) == 5.0

@@ -174,7 +174,9 @@ def test_all_minilm_l6_v2():
     assert time.perf_counter() - start < 60
     sites = prepared.qcompile_sites
     assert len([s for s in sites if s.kind is SiteKind.LINEAR]) == 6 * 6 + 1
-    assert len([s for s in sites if s.kind is SiteKind.MATMUL and s.status is SiteStatus.QUANTIZED]) == 12
+    attention = [s for s in sites if s.kind in (SiteKind.MATMUL, SiteKind.ATTENTION)
+                 and s.status is SiteStatus.QUANTIZED]
+    assert len(attention) in (12, 6)  # two products per layer (eager), or one fused attention
     calibrate_max(prepared, inputs)
     reference = model(**inputs).last_hidden_state
     out = prepared(**inputs).last_hidden_state
