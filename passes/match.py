@@ -158,7 +158,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
 
 def _weight_size(node: fx.Node, kind: SiteKind) -> int | None:
     """Elements of the weight operand of a Linear/conv node, where its shape is known."""
-    if kind is SiteKind.MATMUL:
+    if kind not in (SiteKind.LINEAR, SiteKind.CONV):  # activation products have no weight
         return None
     dims = shape(get_operand(node.args, operand_positions(node)["weight"]))
     if dims is None or not all(is_concrete_int(d) for d in dims):
