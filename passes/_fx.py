@@ -37,7 +37,7 @@ def is_target(target: Any, ops: frozenset) -> bool:
 def operand_positions(node: fx.Node) -> dict[str, Position]:
     """Role -> position in `node.args` of each quantizable operand of a site's node."""
     if is_target(node.target, SDPA_OPS):
-        return {"key": (1,), "value": (2,)}
+        return {"query": (0,), "key": (1,), "value": (2,)}
     if is_target(node.target, EINSUM_OPS):
         nested = isinstance(node.args[1], (list, tuple))
         return {"input": (1, 0), "other": (1, 1)} if nested else {"input": (1,), "other": (2,)}

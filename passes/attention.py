@@ -1,7 +1,10 @@
-"""Attention: decompose `scaled_dot_product_attention` into its two explicit matmuls.
+"""Attention: put SDPA's operands in place, or decompose it into its two explicit matmuls.
 
-A fused attention op hides its products from the quantizer. Where the recipe quantizes them,
-this pass replaces the op by the math it stands for (as torch's math backend computes it):
+`positional_operands` moves query, key and value of every `scaled_dot_product_attention`
+into its positional arguments, where the match and insert passes find a fused attention
+site's operands. A fused attention op hides its products from the quantizer. Where the recipe
+quantizes the products (`Recipe.attention="products"`), `decompose_sdpa` replaces the op by
+the math it stands for (as torch's math backend computes it):
 `softmax(q @ k.transpose(-2, -1) * scale + mask) @ v`, with causal masking, boolean or
 additive masks, attention dropout and grouped-query heads. Other SDPA nodes are left fused.
 The decomposed graph computes the same values up to float rounding; it knows nothing of
@@ -21,6 +24,20 @@ from torch.fx.operator_schemas import normalize_function
 from qcompile.passes._fx import SDPA_OPS, is_target, shape
 
 aten = torch.ops.aten
+
+
+def positional_operands(gm: fx.GraphModule) -> fx.GraphModule:
+    """Pass query, key and value of each SDPA node positionally (dynamo keeps the user's
+    keywords); returns `gm`."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and is_target(node.target, SDPA_OPS) and len(node.args) < 3:
+            kwargs = dict(node.kwargs)
+            names = ("query", "key", "value")[len(node.args):]
+            if all(name in kwargs for name in names):
+                node.args = (*node.args, *(kwargs.pop(name) for name in names))
+                node.kwargs = kwargs
+    gm.recompile()
+    return gm
 
 
 def decompose_sdpa(gm: fx.GraphModule, node_names: Collection[str]) -> fx.GraphModule:

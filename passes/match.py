@@ -3,10 +3,12 @@
 `find_sites` walks a graph (torch.export's aten IR or symbolic_trace's torch IR) and returns
 one `Site` per Linear (`aten.linear`, `F.linear`; see `passes.canonicalize` for modules and
 GPT-2's `Conv1D`), activation-activation matmul (`@`, `matmul`, `bmm`, `mm`, an `einsum`
-that contracts one index, the two products inside `scaled_dot_product_attention`) and
-convolution (conv1d/conv2d). Names come from `node.meta["nn_module_stack"]`: a module's only
-Linear is named by the module path (`encoder.layer.0.attention.self.query`), otherwise
-`<path>.<kind>_<i>` in graph order (`encoder.layer.0.attention.self.matmul_0`).
+that contracts one index), fused attention (`scaled_dot_product_attention`: one site with
+roles query, key and value) and convolution (conv1d/conv2d). Names come from
+`node.meta["nn_module_stack"]`: a module's only Linear is named by the module path
+(`encoder.layer.0.attention.self.query`), a module's only fused attention `<path>.sdpa`,
+otherwise `<path>.<kind>_<i>` in graph order (`encoder.layer.0.attention.self.matmul_0`,
+`<path>.sdpa_1`).
 A Linear whose weight is one expert's slice `W[e]` of a 3-D parameter (fused MoE experts, see
 `passes.experts`) is named `<experts module>.<e>.<parameter>`
 (`model.layers.0.mlp.experts.3.gate_up_proj`). Each weight site records its parameter's path,
@@ -118,11 +120,11 @@ def _describe(
     if is_target(node.target, CONV_OPS):
         return [(SiteKind.CONV, {"input": 1, "weight": 1}, None)]
     if is_target(node.target, SDPA_OPS):
-        query, key = args[0], args[1]
-        return [
-            (SiteKind.MATMUL, {"input": -1, "other": -1}, _dim(query, -1)),
-            (SiteKind.MATMUL, {"input": -1, "other": -2}, _dim(key, -2)),
-        ]
+        # q @ k^T reduces the head dimension of query and key, p @ v the sequence of value;
+        # one block size must divide both, so K is their gcd (None if either is unknown).
+        head, length = _dim(args[0], -1), _dim(args[2], -2)
+        k = math.gcd(head, length) if head and length else None
+        return [(SiteKind.ATTENTION, {"query": -1, "key": -1, "value": -2}, k)]
     if is_target(node.target, MATMUL_OPS):
         axes = {"input": -1, "other": -2 if len(shape(args[1]) or (0, 0)) >= 2 else -1}
     elif is_target(node.target, EINSUM_OPS):
@@ -158,10 +160,15 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
     for node, path, kind, axes, k in found:
         index = seen[path, kind]
         seen[path, kind] += 1
-        unique = path and kind is not SiteKind.MATMUL and counts[path, kind] == 1
-        name = path if unique else ".".join(filter(None, (path, f"{kind.value}_{index}")))
+        unique = kind is not SiteKind.MATMUL and counts[path, kind] == 1
+        if kind is SiteKind.ATTENTION:
+            name = ".".join(filter(None, (path, "sdpa" if unique else f"sdpa_{index}")))
+        elif path and unique:
+            name = path
+        else:
+            name = ".".join(filter(None, (path, f"{kind.value}_{index}")))
         site = Site(name, kind, node.name, reduction_axes=axes, reduction_size=k)
-        if kind is not SiteKind.MATMUL:
+        if kind in (SiteKind.LINEAR, SiteKind.CONV):
             site = _with_weight(gm, node, site)
         sites.append(site)
     return sites + unquantizable_weights(gm, sites)
@@ -260,7 +267,7 @@ def _consumers(param: fx.Node) -> list[fx.Node]:
 
 def _weight_size(node: fx.Node, kind: SiteKind) -> int | None:
     """Elements of the weight operand of a Linear/conv node, where its shape is known."""
-    if kind is SiteKind.MATMUL:
+    if kind not in (SiteKind.LINEAR, SiteKind.CONV):  # activation products have no weight
         return None
     dims = shape(get_operand(node.args, operand_positions(node)["weight"]))
     if dims is None or not all(is_concrete_int(d) for d in dims):
@@ -286,6 +293,9 @@ def _assign(site: Site, recipe: Recipe) -> Site:
         if site.kind is SiteKind.CONV:
             problem = (f"{spec.format} scales blocks along K, which a convolution does not "
                        "have as a tensor axis")
+        elif site.kind is SiteKind.ATTENTION and (site.reduction_size or 1) % block_size:
+            problem = (f"{spec.format} needs the head dimension and the key/value sequence "
+                       f"length to be multiples of its block size {block_size}")
         elif site.reduction_size is None:
             problem = f"K is dynamic or unknown; {spec.format} needs a multiple of {block_size}"
         elif site.reduction_size % block_size:

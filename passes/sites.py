@@ -24,6 +24,8 @@ class SiteKind(enum.Enum):
     LINEAR = "linear"
     MATMUL = "matmul"
     CONV = "conv"
+    #: a fused `scaled_dot_product_attention`, quantized at its query, key and value inputs
+    ATTENTION = "attention"
     #: The key and value states entering an attention op, as a serving engine's KV cache
     #: stores them (`Recipe.kv_cache`); the site is named by the attention module.
     KV_CACHE = "kv_cache"
@@ -36,9 +38,10 @@ class SiteStatus(enum.Enum):
 
 
 #: Input roles: "input" is the activation operand (first), "weight" the Linear/conv weight,
-#: "other" the second activation operand of an activation-activation matmul, "key" and "value"
-#: the states a KV-cache site quantizes.
-ROLES = ("input", "weight", "other", "key", "value")
+#: "other" the second activation operand of an activation-activation matmul; "query", "key"
+#: and "value" the inputs of a fused attention site, "key" and "value" also the states a
+#: KV-cache site quantizes (each quantizer addressable on its own).
+ROLES = ("input", "weight", "other", "query", "key", "value")
 
 
 @dataclass

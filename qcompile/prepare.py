@@ -1,7 +1,7 @@
 """`qcompile.prepare`: capture a model, find its sites, and put quantizers in front of them.
 
 This module composes the passes (capture -> canonicalize -> match -> decompose attention where
-quantized -> insert -> training mode; the middle four are `quantize_graph`, which the
+its products are quantized -> insert -> training mode; the middle four are `quantize_graph`, which the
 torch.compile backend also runs) and owns the prepared model: a `torch.fx.GraphModule`
 that keeps the captured call signature and output structure (tuples, dicts, HF
 `ModelOutput`), follows `.train()` / `.eval()`, moves with `.to()` (device constants in the
@@ -42,8 +42,7 @@ from qcompile.blocks import (
 )
 from qcompile.core.quantizer import Quantizer
 from qcompile.input_check import InputSignature
-from qcompile.passes._fx import SDPA_OPS, is_target
-from qcompile.passes.attention import decompose_sdpa
+from qcompile.passes.attention import decompose_sdpa, positional_operands
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.capture import CaptureError, capture, site_operand_problem
 from qcompile.passes.devices import retarget_devices
@@ -223,7 +222,9 @@ def quantize_graph(
     gm: fx.GraphModule, recipe: Recipe, model_name: str = "the model", prefix: str = ""
 ) -> list[Site]:
     """Put the recipe's quantizers into a captured graph (in place): canonicalize, match,
-    decompose the attention whose products are quantized, insert. Returns every site.
+    decompose the quantized attention where the recipe quantizes its products
+    (`Recipe.attention="products"`; by default query, key and value are quantized in front of
+    the fused op), insert. Returns every site.
 
     `prepare` runs it on torch.export's graph; the `qcompile` torch.compile backend on the
     graph dynamo captured. A site whose operands cannot be quantized raises a `CaptureError`.
@@ -231,15 +232,17 @@ def quantize_graph(
     matched against `prefix.site`, the returned sites are named relative to the graph.
     """
     canonicalize(gm)
+    positional_operands(gm)
     sites = _assign(find_sites(gm), recipe, prefix)
     problem = site_operand_problem(gm, sites)
     if problem is not None:
         raise CaptureError(f"cannot capture {model_name}: {problem}")
     kv_cache = insert_quantizers(gm, kv_cache_sites(gm, recipe))  # in front of the fused op
-    attention = _quantized_attention(gm, sites)
-    if attention:
-        decompose_sdpa(gm, attention)
-        sites = _assign(find_sites(gm), recipe, prefix)
+    if recipe.attention == "products":
+        attention = _quantized_attention(sites)
+        if attention:
+            decompose_sdpa(gm, attention)
+            sites = _assign(find_sites(gm), recipe, prefix)
     return insert_quantizers(gm, sites) + kv_cache
 
 
@@ -339,13 +342,10 @@ def _warn_nothing_quantized(model: nn.Module, sites: list[Site]) -> None:
     warnings.warn(message, PrepareWarning, stacklevel=3)
 
 
-def _quantized_attention(gm: fx.GraphModule, sites: list[Site]) -> set[str]:
-    """Names of the SDPA nodes of which the recipe quantizes a product."""
-    targets = {node.name: node.target for node in gm.graph.nodes}
-    return {
-        site.node_name for site in sites
-        if site.status is SiteStatus.QUANTIZED and is_target(targets[site.node_name], SDPA_OPS)
-    }
+def _quantized_attention(sites: list[Site]) -> set[str]:
+    """Names of the SDPA nodes that the recipe quantizes."""
+    return {site.node_name for site in sites
+            if site.status is SiteStatus.QUANTIZED and site.kind is SiteKind.ATTENTION}
 
 
 # ---------------------------------------------------------------------------------------------

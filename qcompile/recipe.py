@@ -1,13 +1,14 @@
 """Recipes: which format quantizes which input of which site, as validated data.
 
-A `Recipe` says, per site kind (Linear, activation-activation matmul, convolution), which
-`QuantSpec` guards the weight and which the activation input, which sites stay in float
-(`exclude` glob patterns on site names) and per-site overrides. The named recipes (`int8`,
-`fp8`, `nvfp4`, `mxfp4`, `mxfp8`, `mxfp4_ocp`, `mxfp8_ocp`, `int4`, `w4a8`) are plain
-instances in `RECIPES`. A recipe also says whether the attention's key and value states are
-quantized as a serving engine's KV cache stores them (`kv_cache`), and whether layers that
-serving engines fuse into one matmul (q/k/v, gate/up: `fused_group`) share their per-tensor
-scales (`tie_fused`).
+A `Recipe` says, per site kind (Linear, activation-activation matmul, fused attention,
+convolution), which `QuantSpec` guards the weight and which the activation input, which sites
+stay in float (`exclude` glob patterns on site names) and per-site overrides. The named recipes
+(`int8`, `fp8`, `nvfp4`, `mxfp4`, `mxfp8`, `mxfp4_ocp`, `mxfp8_ocp`,
+`int4`, `w4a8`) are plain instances in `RECIPES`. A
+recipe also says how a fused attention is quantized (`attention`), whether the attention's key
+and value states are quantized as a serving engine's KV cache stores them (`kv_cache`), and
+whether layers that serving engines fuse into one matmul (q/k/v, gate/up: `fused_group`) share
+their per-tensor scales (`tie_fused`).
 This module decides *what* to quantize; it knows nothing of graphs (passes apply it) or of
 numerics (the specs describe formats, `qcompile.core.quantizer` runs them).
 """
@@ -22,6 +23,12 @@ from typing import Any
 from qcompile.core.formats import get_format
 from qcompile.core.quantizer import Granularity, QuantSpec
 from qcompile.passes.sites import SiteKind
+
+#: `Recipe.attention` values and what each quantizes.
+ATTENTION_MODES: dict[str, str] = {
+    "qkv": "query, key and value in front of the fused attention",
+    "products": "decompose the attention and quantize both products, softmax output included",
+}
 
 #: Sibling Linear layers that serving engines (vLLM, SGLang, TensorRT-LLM) run as one matmul
 #: with one input scale and one per-tensor weight scale: q/k/v -> qkv_proj, gate/up ->
@@ -82,6 +89,8 @@ class SiteSpecs:
         """Role -> spec for a site of `kind` (roles as in `qcompile.passes.sites.ROLES`)."""
         if kind is SiteKind.MATMUL:
             specs = {"input": self.input, "other": self.input}
+        elif kind is SiteKind.ATTENTION:
+            specs = {"query": self.input, "key": self.input, "value": self.input}
         else:
             specs = {"input": self.input, "weight": self.weight}
         return {role: spec for role, spec in specs.items() if spec is not None}
@@ -97,8 +106,19 @@ class Recipe:
         matmul: specs of activation-activation matmuls (attention); None: the activation
             spec of `linear` for both operands.
         conv: specs of conv1d/conv2d sites; None: the same as `linear`.
-        quantize_matmul: quantize activation-activation matmuls at all (attention products;
-            `F.scaled_dot_product_attention` is then decomposed into explicit matmuls).
+        quantize_matmul: quantize activation-activation products at all: explicit matmuls
+            (eager attention's `q @ k^T`, `p @ v`) and fused attention, as `attention` says.
+        attention: how a fused `F.scaled_dot_product_attention` is quantized (with
+            `quantize_matmul`), with the `matmul` specs:
+            "qkv" (default): its query, key and value, in front of the unchanged fused op
+            (the site `<module>.sdpa`, roles query/key/value: what FP8/INT8 attention kernels
+            and a quantized KV cache consume). Training memory stays O(sequence) per head.
+            "products": both operands of both products (the behaviour before "qkv"): the op is
+            decomposed into `softmax(q @ k^T * scale) @ v` and the softmax output P is
+            quantized too (sites `<module>.matmul_0` / `matmul_1`). Its backward keeps
+            batch x heads x T x T tensors per layer (67 MB each in fp32 at batch 8, 8 heads,
+            512 tokens; 16x that at 2,048 tokens) where the fused op keeps O(T): see README,
+            "Training memory".
         exclude: glob patterns on site names (`encoder.layer.0.attention.self.query`) that
             stay in float. The default keeps output heads (`lm_head`, `classifier`, ...) float.
             MoE routers (a Linear whose output feeds the top-k expert choice) stay float too,
@@ -122,6 +142,7 @@ class Recipe:
     matmul: SiteSpecs | None = None
     conv: SiteSpecs | None = None
     quantize_matmul: bool = False
+    attention: str = "qkv"
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     overrides: tuple[tuple[str, SiteSpecs | None], ...] = ()
     learn_scales: bool = False
@@ -145,6 +166,11 @@ class Recipe:
             )
         object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
         object.__setattr__(self, "overrides", _overrides(self.overrides))
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(
+                f"Recipe.attention={self.attention!r}; valid: "
+                + ", ".join(f"{mode!r} ({what})" for mode, what in ATTENTION_MODES.items())
+            )
         if self.kv_cache is not None and self.kv_cache not in KV_CACHE_FORMATS:
             raise ValueError(
                 f"kv_cache={self.kv_cache!r} is not a KV-cache format; use one of "
@@ -170,7 +196,7 @@ class Recipe:
 
     def kind_specs(self, kind: SiteKind) -> SiteSpecs | None:
         """The specs of sites of `kind`, before excludes and overrides (None: float)."""
-        if kind is SiteKind.MATMUL:
+        if kind in (SiteKind.MATMUL, SiteKind.ATTENTION):
             if not self.quantize_matmul:
                 return None
             return self.matmul or SiteSpecs(input=self.linear.input)
@@ -401,6 +427,7 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
         "matmul": specs(recipe.matmul),
         "conv": specs(recipe.conv),
         "quantize_matmul": recipe.quantize_matmul,
+        "attention": recipe.attention,
         "exclude": list(recipe.exclude),
         "overrides": [[pattern, specs(s)] for pattern, s in recipe.overrides],
         "learn_scales": recipe.learn_scales,
@@ -424,6 +451,8 @@ def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
         matmul=specs(data.get("matmul")),
         conv=specs(data.get("conv")),
         quantize_matmul=data.get("quantize_matmul", False),
+        # recipes saved before the "attention" field quantized the products
+        attention=data.get("attention", "products"),
         exclude=tuple(data.get("exclude", DEFAULT_EXCLUDE)),
         overrides=tuple((pattern, specs(s)) for pattern, s in data.get("overrides", ())),
         learn_scales=data.get("learn_scales", False),

@@ -4,7 +4,7 @@ import pytest
 
 from qcompile.core.quantizer import QuantSpec
 from qcompile.passes.sites import SiteKind
-from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe
+from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe, recipe_from_dict, recipe_to_dict
 
 
 def test_named_recipes():
@@ -69,3 +69,15 @@ def test_with_dynamic_ranges_keeps_formats_and_drops_calibration():
     assert specs.input.dynamic and specs.weight.dynamic and specs.weight.block_size is None
     with pytest.raises(ValueError, match="learn_scales.*calibrate"):
         int8.with_(learn_scales=True).with_dynamic_ranges()
+
+
+def test_attention_mode_is_checked_and_round_trips():
+    int8 = get_recipe("int8")
+    assert int8.attention == "qkv"
+    with pytest.raises(ValueError, match="'qkv'.*'products'"):
+        int8.with_(attention="fused")
+    products = int8.with_(attention="products")
+    assert recipe_from_dict(recipe_to_dict(products)) == products
+    legacy = recipe_to_dict(int8)
+    del legacy["attention"]  # saved before the field existed: the products were quantized
+    assert recipe_from_dict(legacy).attention == "products"

@@ -228,7 +228,7 @@ class _Builder:
         return self.qdq(x, self.guarded(scale), scale, fmt.element, last, block_size)
 
     def _e8m0(self, x, fmt, block_size):
-        op, last = self.op, len(x.shape) - 1
+        last = len(x.shape) - 1
         if self.target == "tensorrt":  # MXFP8 (check_supported refused MXFP4)
             data, scale = trt.MXFP8_DYNAMIC_QUANTIZE(
                 x, axis=-1, block_size=block_size, output_dtype=ir.DataType.FLOAT8E4M3FN, _outputs=2

@@ -219,7 +219,8 @@ def auto_recipe(
         fp8 = QuantSpec("fp8", dynamic=True)
         probe = SiteSpecs(weight=fp8, input=fp8)
         scorer = prepare(model, Recipe("auto-scoring", probe, quantize_matmul=base.quantize_matmul,
-                                       exclude=(), overrides=()), example_inputs, example_kwargs)
+                                       attention=base.attention, exclude=(), overrides=()),
+                         example_inputs, example_kwargs)
         seconds["prepare scoring model"] = time.perf_counter() - t0
     del prepared
 
@@ -309,7 +310,7 @@ def _fixed(base: Recipe, site: Site) -> tuple[bool, Fraction | None]:
             return True, _bits(specs)
     if base.excludes(site.name):
         return True, None
-    if site.kind is SiteKind.MATMUL and not base.quantize_matmul:
+    if site.kind in (SiteKind.MATMUL, SiteKind.ATTENTION) and not base.quantize_matmul:
         return True, None
     return False, None
 
@@ -616,7 +617,7 @@ def _result_recipe(base: Recipe, candidates, units, picks, achieved: float, form
         specs = candidates[choice] if choice is not None else None
         for site in unit.sites:
             site_specs = specs
-            if specs is not None and site.kind is SiteKind.MATMUL:
+            if specs is not None and site.kind in (SiteKind.MATMUL, SiteKind.ATTENTION):
                 site_specs = SiteSpecs(input=specs.input) if specs.input is not None else None
             overrides.append((_pattern(site.name), site_specs))
     shown = "/".join("float" if f is None else str(f) for f in formats)

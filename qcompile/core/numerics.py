@@ -230,6 +230,19 @@ def ste_mask(
     return ste_pass(x, amax, fmt, block_size) > 0
 
 
+def ste_keep(
+    x: torch.Tensor, amax: torch.Tensor | None, fmt: QuantFormat, block_size: int | None
+) -> torch.Tensor:
+    """`ste_pass` as uint8 (1 where the gradient passes): what the eager backward keeps of x,
+    a quarter of float32 x (bool stores are slow in inductor's C++ kernels, uint8 ones not)."""
+    return ste_pass(x, amax, fmt, block_size).to(torch.uint8)
+
+
+def masked_gradient(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`fake_quantize_backward` from a saved `ste_keep`: grad where keep is 1, else 0."""
+    return torch.where(keep.bool(), grad, torch.zeros_like(grad))
+
+
 def fake_quantize_backward(
     grad: torch.Tensor,
     x: torch.Tensor,

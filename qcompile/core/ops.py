@@ -1,11 +1,14 @@
 """The `qcompile` custom ops: fake quantization and its straight-through backward.
 
-Three `torch.library` ops in the `qcompile` namespace, each with a fake (meta) kernel so
+The `torch.library` ops in the `qcompile` namespace, each with a fake (meta) kernel so
 torch.export and torch.compile trace through them without graph breaks:
 
 - `qcompile::fake_quantize(x, amax, format, block_size) -> Tensor`
 - `qcompile::fake_quantize_backward(grad, x, amax, format, block_size) -> Tensor` (STE)
 - `qcompile::fake_quantize_amax_backward(grad, x, amax, format, block_size) -> Tensor` (LSQ)
+
+and two that the eager backward uses to keep a uint8 mask instead of x: `qcompile::ste_keep`
+(the mask) and `qcompile::masked_backward(grad, keep)` (the STE from it).
 
 `amax` is None for dynamic scales and otherwise broadcastable to x (or to its block view);
 `block_size` 0 means no blocks. The default kernel is `qcompile.core.kernels.cpu` (any device);
@@ -71,16 +74,56 @@ def _(grad, x, amax, format, block_size):
     return _contiguous_like(amax)
 
 
+@torch.library.custom_op(f"{_NAMESPACE}::ste_keep", mutates_args=())
+def ste_keep(x: torch.Tensor, amax: torch.Tensor | None, format: str, block_size: int) -> torch.Tensor:
+    return cpu.run("ste_keep", format, block_or_none(block_size), x, amax).contiguous()
+
+
+@ste_keep.register_fake
+def _(x, amax, format, block_size):
+    return x.new_empty(x.shape, dtype=torch.uint8)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::masked_backward", mutates_args=())
+def masked_backward(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return cpu.run("masked_backward", "int8", None, grad, keep, None).contiguous()
+
+
+@masked_backward.register_fake
+def _(grad, keep):
+    return _contiguous_like(grad)
+
+
 def _setup_context(ctx, inputs, output) -> None:
+    """Save the least the backward needs.
+
+    Eager, with an amax that is not learned, that is the straight-through mask as uint8
+    (`numerics.ste_keep`): a quarter of a float32 x (half of a bf16 one), and x itself can be
+    freed where nothing else keeps it (the consumer keeps the quantized copy it multiplies).
+    A learned amax needs x for its gradient; under torch.compile x is saved and the
+    partitioner decides what to keep (it recomputes the mask, see `qcompile.backends.compile`).
+    """
     x, amax, format, block_size = inputs
-    ctx.save_for_backward(x, amax)
     ctx.format = format
     ctx.block_size = block_size
+    learned = amax is not None and amax.requires_grad
+    ctx.keep_mask = not learned and not torch.compiler.is_compiling()
+    if not ctx.keep_mask:
+        ctx.save_for_backward(x, amax)
+    elif x.requires_grad:
+        ctx.save_for_backward(ste_keep(x, amax, format, block_size), None)
+    else:
+        ctx.save_for_backward(None, None)
 
 
 def _backward(ctx, grad):
-    x, amax = ctx.saved_tensors
+    saved, amax = ctx.saved_tensors
     grad_x = grad_amax = None
+    if ctx.keep_mask:
+        if ctx.needs_input_grad[0]:
+            grad_x = masked_backward(grad, saved)
+        return grad_x, None, None, None
+    x = saved
     if ctx.needs_input_grad[0]:
         grad_x = fake_quantize_backward(grad, x, amax, ctx.format, ctx.block_size)
     if amax is not None and ctx.needs_input_grad[1]:

@@ -265,7 +265,7 @@ def test_kl_scores_equal_the_divergence_of_a_model_with_that_site_alone_quantize
     quantized along K, transposed) included."""
     from qcompile.training.distill import kl_divergence
 
-    base = qc.Recipe("base", quantize_matmul=True)
+    base = qc.Recipe("base", quantize_matmul=True, attention="products")
     recipe = qc.auto_recipe(toy, ("mxfp4", "mxfp8"), data, effective_bits=6.0, method="kl",
                             base=base, progress=False)
     units = {unit.name: unit for unit in recipe.search.units}
@@ -277,7 +277,8 @@ def test_kl_scores_equal_the_divergence_of_a_model_with_that_site_alone_quantize
         specs = RECIPES[fmt].linear
         if "matmul" in site:
             specs = SiteSpecs(input=specs.input)
-        alone = qc.Recipe("alone", exclude=("*",), overrides={site: specs}, quantize_matmul=True)
+        alone = qc.Recipe("alone", exclude=("*",), overrides={site: specs}, quantize_matmul=True,
+                          attention="products")
         qmodel = qc.prepare(toy, alone, example_inputs=(data[0],)).eval()
         with torch.no_grad():
             expected = sum(float(kl_divergence(toy(x), qmodel(x), 1.0)) for x in data)

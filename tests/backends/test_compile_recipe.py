@@ -91,7 +91,8 @@ def test_sites_in_the_dynamo_graph_are_named_by_module():
     torch.manual_seed(0)
     x = torch.randn(2, 32, 128)
     sites = {site.name: site for site in _sites(AttentionBlock(), x, "int8")}
-    assert set(sites) == {"qkv", "proj", "matmul_0", "matmul_1", "mlp.fc1", "mlp.fc2"}
+    assert set(sites) == {"qkv", "proj", "sdpa", "mlp.fc1", "mlp.fc2"}
+    assert set(sites["sdpa"].quantizers) == {"query", "key", "value"}
     assert all(site.status is SiteStatus.QUANTIZED for site in sites.values())
     assert sites["qkv"].specs["input"].dynamic  # int8's calibrated input range became dynamic
     assert sites["qkv"].specs["weight"].axis == 0

@@ -79,8 +79,13 @@ def _check_sites(model, prepared, head):
     linears = [s.name for s in sites if s.kind is SiteKind.LINEAR]
     assert sorted(linears) == sorted(_linear_paths(model))
     matmuls = [s for s in sites if s.kind is SiteKind.MATMUL]
-    assert len(matmuls) == 2 * 2  # two products per layer, eager or sdpa
-    assert {s.name.rsplit(".", 1)[1] for s in matmuls} == {"matmul_0", "matmul_1"}
+    attentions = [s for s in sites if s.kind is SiteKind.ATTENTION]
+    if attentions:  # sdpa: one fused attention site per layer, quantized at q, k, v
+        assert not matmuls and len(attentions) == 2
+        assert {s.name.rsplit(".", 1)[1] for s in attentions} == {"sdpa"}
+    else:  # eager: the model's own two products per layer
+        assert len(matmuls) == 2 * 2
+        assert {s.name.rsplit(".", 1)[1] for s in matmuls} == {"matmul_0", "matmul_1"}
     if head:
         (head_site,) = [s for s in sites if s.name == head]
         assert head_site.status is SiteStatus.EXCLUDED and "output head" in head_site.reason
@@ -98,8 +103,13 @@ def test_sites_and_int8_closeness(name, build, head, attn):
     model = build(attn).eval()
     prepared = prepare(model, "int8", example_kwargs=_inputs(causal=bool(head)))
     sites = _check_sites(model, prepared, head)
-    quantized_matmuls = [s for s in sites if s.kind is SiteKind.MATMUL and s.status is SiteStatus.QUANTIZED]
-    assert len(quantized_matmuls) == 4 and all(len(s.quantizers) == 2 for s in quantized_matmuls)
+    quantized = [s for s in sites if s.kind in (SiteKind.MATMUL, SiteKind.ATTENTION)
+                 and s.status is SiteStatus.QUANTIZED]
+    if attn == "sdpa":
+        assert len(quantized) == 2 and all(set(s.quantizers) == {"query", "key", "value"}
+                                           for s in quantized)
+    else:
+        assert len(quantized) == 4 and all(len(s.quantizers) == 2 for s in quantized)
     calibrate_max(prepared, _inputs(causal=bool(head)))
     other = _inputs(batch=3, length=6, causal=bool(head))  # other shapes than at capture
     reference = model(**other).logits if head else model(**other).last_hidden_state
@@ -116,7 +126,7 @@ def test_bert_linears_per_layer_and_pooler():
     sites = {s.name: s for s in model_sites(prepared)}
     assert len([s for s in sites.values() if s.kind is SiteKind.LINEAR]) == 6 * 2 + 1
     assert "encoder.layer.0.attention.self.query" in sites and "pooler.dense" in sites
-    matmul = sites["encoder.layer.1.attention.self.matmul_1"]
+    matmul = sites["encoder.layer.1.attention.self.sdpa"]
     assert matmul.status is SiteStatus.EXCLUDED and "quantize_matmul" in matmul.reason
     calibrate_max(prepared, _inputs())  # nvfp4's global amax is static
     assert prepared(**_inputs()).last_hidden_state.isfinite().all()
@@ -165,7 +175,9 @@ def test_all_minilm_l6_v2():
     assert time.perf_counter() - start < 60
     sites = model_sites(prepared)
     assert len([s for s in sites if s.kind is SiteKind.LINEAR]) == 6 * 6 + 1
-    assert len([s for s in sites if s.kind is SiteKind.MATMUL and s.status is SiteStatus.QUANTIZED]) == 12
+    attention = [s for s in sites if s.kind in (SiteKind.MATMUL, SiteKind.ATTENTION)
+                 and s.status is SiteStatus.QUANTIZED]
+    assert len(attention) in (12, 6)  # two products per layer (eager), or one fused attention
     calibrate_max(prepared, inputs)
     reference = model(**inputs).last_hidden_state
     out = prepared(**inputs).last_hidden_state

@@ -90,13 +90,40 @@ def test_einsum_without_one_contracted_index_is_skipped():
     assert find_sites(_graph(build)) == []
 
 
-def test_sdpa_counts_as_its_two_products():
+def test_sdpa_is_one_attention_site_with_query_key_value():
     def build(graph, x, y):
-        return _stack(graph.call_function(aten.scaled_dot_product_attention.default, (x, y, y)), "attn")
+        first = _stack(graph.call_function(aten.scaled_dot_product_attention.default, (x, y, y)), "attn")
+        return _stack(graph.call_function(aten.scaled_dot_product_attention.default, (first, y, y)), "two")
 
     sites = find_sites(_graph(build))
-    assert [s.name for s in sites] == ["attn.matmul_0", "attn.matmul_1"]
-    assert len({s.node_name for s in sites}) == 1  # both name the one fused node
+    assert [(s.name, s.kind) for s in sites] == [("attn.sdpa", SiteKind.ATTENTION),
+                                                 ("two.sdpa", SiteKind.ATTENTION)]
+    assert sites[0].reduction_axes == {"query": -1, "key": -1, "value": -2}
+
+
+def test_two_attentions_in_one_module_are_numbered():
+    def build(graph, x, y):
+        first = graph.call_function(aten.scaled_dot_product_attention.default, (x, y, y))
+        second = graph.call_function(aten.scaled_dot_product_attention.default, (_stack(first, "attn"), y, y))
+        return _stack(second, "attn")
+
+    assert [s.name for s in find_sites(_graph(build))] == ["attn.sdpa_0", "attn.sdpa_1"]
+
+
+def test_attention_specs_follow_quantize_matmul_and_overrides():
+    sites = [Site("attn.sdpa", SiteKind.ATTENTION, "sdpa", reduction_size=64)]
+    int8 = RECIPES["int8"]
+    (site,) = assign_specs(sites, int8)
+    assert set(site.specs) == {"query", "key", "value"}
+    assert site.specs["key"] == int8.linear.input
+    (site,) = assign_specs(sites, int8.with_(quantize_matmul=False))
+    assert site.status is SiteStatus.EXCLUDED and "quantize_matmul" in site.reason
+    fp8_kv = int8.with_(overrides={"*.sdpa": SiteSpecs(input=QuantSpec("fp8"))})
+    (site,) = assign_specs(sites, fp8_kv)
+    assert site.specs["value"].format == "fp8"
+    (site,) = assign_specs([Site("attn.sdpa", SiteKind.ATTENTION, "sdpa", reduction_size=8)],
+                           Recipe(matmul=SiteSpecs(input=QuantSpec("mxfp8")), quantize_matmul=True))
+    assert site.status is SiteStatus.UNSUPPORTED and "head dimension" in site.reason
 
 
 class Gpt2Conv1D(nn.Module):

@@ -31,6 +31,8 @@ REFERENCES: dict[str, Callable] = {
     "forward": numerics.fake_quantize,
     "backward": numerics.fake_quantize_backward,
     "amax_backward": numerics.amax_gradient,
+    "ste_keep": numerics.ste_keep,
+    "masked_backward": lambda grad, keep, amax, fmt, block_size: numerics.masked_gradient(grad, keep),
 }
 
 
