@@ -84,3 +84,56 @@ def is_parameter_input(node: Any) -> bool:
         isinstance(node, fx.Node) and node.op == "placeholder"
         and isinstance(recorded_value(node), torch.nn.Parameter)
     )
+
+
+#: Ops through which a tensor is still "the same weight": views, transposes, casts, copies,
+#: and taking one expert's slice (`select` on axis 0, `index` by expert ids).
+PASS_THROUGH_OPS = frozenset({
+    aten.t.default, aten.numpy_T.default, aten.permute.default, aten.transpose.int,
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.select.int,
+    aten.slice.Tensor, aten.index.Tensor, aten._to_copy.default, aten.to.dtype,
+    aten.to.dtype_layout, aten.to.device, aten.contiguous.default, aten.clone.default,
+    aten.detach.default, aten.alias.default, aten.expand.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.default, aten.type_as.default, aten.lift_fresh_copy.default,
+    torch.t, torch.transpose, torch.permute, torch.reshape, torch.select, torch.squeeze,
+    torch.unsqueeze, operator.getitem,
+})
+
+#: Products a weight can feed: sites, and those qcompile cannot quantize (listed as such).
+WEIGHT_CONSUMERS = LINEAR_OPS | CONV_OPS | MATMUL_OPS | EINSUM_OPS | frozenset({
+    aten.addmm.default, aten.baddbmm.default, aten.addbmm.default, aten.addmv.default,
+    aten.mv.default, torch.addmm, torch.baddbmm,
+})
+
+
+def is_weight_consumer(target: Any) -> bool:
+    """A matmul-like op (grouped products included, whatever namespace they come from)."""
+    return is_target(target, WEIGHT_CONSUMERS) or "grouped_mm" in str(target)
+
+
+def parameter_value(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The parameter a `get_attr` node reads, or a graph input holds (dynamo); else None."""
+    if is_parameter_input(node):
+        return recorded_value(node)
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    try:
+        return gm.get_parameter(node.target)
+    except AttributeError:
+        return None
+
+
+def weight_source(gm: fx.GraphModule, node: Any) -> tuple[fx.Node, int | None] | None:
+    """(parameter node, expert) that `node` is a view, cast or slice of, else None. `expert`
+    is the index of `select(W, 0, e)` on a 3-D (or more) parameter, else None."""
+    expert = None
+    while isinstance(node, fx.Node):
+        if parameter_value(gm, node) is not None:
+            return node, expert
+        if node.op != "call_function" or not is_target(node.target, PASS_THROUGH_OPS):
+            return None
+        source = node.args[0] if node.args else None
+        if node.target is aten.select.int and node.args[1] == 0 and len(shape(source) or ()) >= 3:
+            expert = node.args[2] if isinstance(node.args[2], int) else None
+        node = source
+    return None

@@ -6,8 +6,10 @@ functional conv, whatever the model wrote:
 - `call_module` nodes of `nn.Linear`, `nn.Conv1d`, `nn.Conv2d` (symbolic_trace's IR) become
   functional calls on `get_attr` weights, so that a quantizer can sit in front of the weight;
 - a product with a 2-D parameter, `addmm(bias, x, W)` (GPT-2's `Conv1D`, W is [in, out]),
-  `mm(x, W)` or `x @ W`, becomes `linear(x, W.t(), bias)`: its weight enters as [out, in],
-  so per-channel scales are along axis 0 and blocks along K as for any Linear.
+  `mm(x, W)` or `x @ W`, becomes `linear(x, W.t(), bias)`, and `x @ W.T` (Falcon's
+  `FalconLinear`, any `nn.Linear` subclass with its own forward) `linear(x, W)`: the weight
+  enters as [out, in], so per-channel scales are along axis 0 and blocks along K as for
+  any Linear.
 
 The numbers computed are unchanged. It knows nothing of quantization.
 """
@@ -28,7 +30,19 @@ _WEIGHT_PRODUCTS = frozenset({
     aten.addmm.default, aten.mm.default, aten.matmul.default,
     torch.addmm, torch.mm, torch.matmul, operator.matmul,
 })
-_TRANSPOSES = frozenset({aten.t.default, torch.t})
+_TRANSPOSES = frozenset({aten.t.default, aten.numpy_T.default, aten.permute.default,
+                         aten.transpose.int, torch.t, torch.transpose})
+
+
+def _is_transpose(node) -> bool:
+    """`W.t()`, `W.T`, `W.permute(1, 0)` or `W.transpose(0, 1)` of a 2-D tensor."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and _in(node.target, _TRANSPOSES)):
+        return False
+    if node.target in (aten.permute.default,):
+        return [d % 2 for d in node.args[1]] == [1, 0]
+    if node.target in (aten.transpose.int, torch.transpose):
+        return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    return True
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -95,8 +109,8 @@ def _weight_product(gm: fx.GraphModule, node: fx.Node) -> None:
         (x, weight), bias = node.args[:2], None
     graph = gm.graph
     with graph.inserting_before(node):
-        if _in(getattr(weight, "target", None), _TRANSPOSES) and _parameter(gm, weight.args[0]):
-            transposed = weight.args[0]  # x @ W.t(): W is already [out, in]
+        if _is_transpose(weight) and _parameter(gm, weight.args[0]):
+            transposed = weight.args[0]  # x @ W.t() or W.T: W is already [out, in]
         elif _parameter(gm, weight):
             transposed = graph.call_function(aten.t.default, (weight,))
         else:

@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 
 from qcompile.core.calls import describe_call, model_dtype_device
 from qcompile.passes._fx import get_operand, operand_positions
+from qcompile.passes.experts import capturable_experts
 
 #: Frames in these directories are ours or torch's, never the construct to report.
 _LIBRARY_DIRS = tuple(
@@ -49,8 +50,12 @@ def capture(
     kwargs: dict[str, Any] | None = None,
     *,
     dynamic: bool = True,
+    share_tensors: bool = False,
 ) -> fx.GraphModule:
     """Capture a training-mode copy of `model` called as `model(*args, **kwargs)`.
+
+    With `share_tensors` the graph holds the caller's parameters and buffers themselves
+    instead of copies (for a graph used only as a template, as block-wise prepare does).
 
     With `dynamic=True` every dimension of every example tensor may vary (torch.export's
     `Dim.AUTO`: dimensions the model fixes, and sizes 0 and 1, are specialized), so the graph
@@ -59,8 +64,9 @@ def capture(
     """
     args, kwargs = _check_example_inputs(args, kwargs)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        copies = pool.submit(_copy_tensors, model)
+        copies = pool.submit((lambda _: {}) if share_tensors else _copy_tensors, model)
         structure = _structure_copy(model).train()
+        capturable_experts(structure)
         try:
             return _own_tensors(_export(structure, args, kwargs, dynamic), copies)
         except Exception as error:  # noqa: BLE001 - every export failure is explained
@@ -185,6 +191,13 @@ def _explain(model: torch.nn.Module, args: tuple, kwargs: dict, error: Exception
             "make it static (compute it from shapes or arguments, not values), move it out of "
             "forward(), or prepare only the submodules without it "
             "(qcompile.prepare(model.encoder, ...))."
+        )
+    if "Cache" in str(error) and "use_cache" in inspect.signature(model.forward).parameters:
+        return CaptureError(
+            f"cannot capture {name} as one graph: its output holds a KV cache object "
+            f"({_first_line(error)}). Prepare it block by block (qcompile.prepare(model, "
+            "recipe, example_kwargs=..., blocks='auto'), which keeps the cache), or without "
+            "the cache: example_kwargs={..., 'use_cache': False}."
         )
     return CaptureError(
         f"cannot capture {name}: torch.export cannot trace a construct{_where(error)}: "

@@ -9,7 +9,14 @@ roles query, key and value) and convolution (conv1d/conv2d). Names come from
 (`encoder.layer.0.attention.self.query`), a module's only fused attention `<path>.sdpa`,
 otherwise `<path>.<kind>_<i>` in graph order (`encoder.layer.0.attention.self.matmul_0`,
 `<path>.sdpa_1`).
-`assign_specs` applies a `Recipe`. Neither changes the graph.
+A Linear whose weight is one expert's slice `W[e]` of a 3-D parameter (fused MoE experts, see
+`passes.experts`) is named `<experts module>.<e>.<parameter>`
+(`model.layers.0.mlp.experts.3.gate_up_proj`). Each weight site records its parameter's path,
+expert and size (`Site.weight`, `.expert`, `.weight_size`), and a Linear whose output feeds a
+top-k is flagged as a MoE router. Every other parameter of 2+ dimensions that feeds a product
+becomes an UNSUPPORTED site named by its path, so no multiplied weight goes unlisted.
+`assign_specs` applies a `Recipe` (routers stay float unless an override names them).
+Neither changes the graph.
 """
 
 from __future__ import annotations
@@ -31,12 +38,16 @@ from qcompile.passes._fx import (
     LINEAR_OPS,
     MATMUL_OPS,
     SDPA_OPS,
+    PASS_THROUGH_OPS,
     get_operand,
     is_parameter_input,
     is_target,
+    is_weight_consumer,
     operand_positions,
+    parameter_value,
     recorded_value,
     shape,
+    weight_source,
 )
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
 from qcompile.recipe import Recipe
@@ -99,7 +110,9 @@ def _einsum_axes(equation: str) -> tuple[int, int] | None:
     return left.index(index) - len(left), right.index(index) - len(right)
 
 
-def _describe(node: fx.Node, data: set[fx.Node]) -> list[tuple[SiteKind, dict[str, int], int | None]]:
+def _describe(
+    gm: fx.GraphModule, node: fx.Node, data: set[fx.Node]
+) -> list[tuple[SiteKind, dict[str, int], int | None]]:
     """(kind, reduction axis per role, K) for each site at `node` (two for attention)."""
     args = node.args
     if is_target(node.target, LINEAR_OPS):
@@ -124,18 +137,21 @@ def _describe(node: fx.Node, data: set[fx.Node]) -> list[tuple[SiteKind, dict[st
     operands = [get_operand(args, p) for p in operand_positions(node).values()]
     if not all(isinstance(o, fx.Node) and o in data and _is_float(o) for o in operands):
         return []  # a product with a weight or constant, not between two activations
+    if any(weight_source(gm, o) is not None for o in operands):
+        return []  # a weight gathered per token (`W[expert_ids]`) is no activation
     k = _dim(operands[0], axes["input"]) or _dim(operands[1], axes["other"])
     return [(SiteKind.MATMUL, axes, k)]
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every site of `gm` in graph order, status QUANTIZED and no specs yet."""
+    """Every site of `gm` in graph order: QUANTIZED and no specs yet, then one UNSUPPORTED
+    site per parameter that feeds a product no site quantizes (see `unquantizable_weights`)."""
     data = activations(gm.graph)
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_function":
             path = module_path(node)
-            found += [(node, path, *d) for d in _describe(node, data)]
+            found += [(node, path, *d) for d in _describe(gm, node, data)]
     counts = defaultdict(int)
     for _, path, kind, _, _ in found:
         counts[path, kind] += 1
@@ -151,9 +167,102 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             name = path
         else:
             name = ".".join(filter(None, (path, f"{kind.value}_{index}")))
-        sites.append(Site(name, kind, node.name, reduction_axes=axes, reduction_size=k,
-                          weight_size=_weight_size(node, kind)))
-    return sites
+        site = Site(name, kind, node.name, reduction_axes=axes, reduction_size=k)
+        if kind in (SiteKind.LINEAR, SiteKind.CONV):
+            site = _with_weight(gm, node, site)
+        sites.append(site)
+    return sites + unquantizable_weights(gm, sites)
+
+
+def _parameter_name(node: fx.Node) -> str:
+    return str(node.target)
+
+
+def _with_weight(gm: fx.GraphModule, node: fx.Node, site: Site) -> Site:
+    """`site` with its weight's parameter, expert and size; an expert's slice named
+    `<experts module>.<expert>.<parameter>` (`model.layers.0.mlp.experts.3.gate_up_proj`),
+    and a router flagged."""
+    source = weight_source(gm, node.args[1])
+    size = _weight_size(node, site.kind)
+    router = site.kind is SiteKind.LINEAR and _feeds_routing(node)
+    if source is None:
+        return replace(site, weight_size=size, router=router)
+    param, expert = source
+    path = _parameter_name(param)
+    size = size or parameter_value(gm, param).numel()
+    name = site.name
+    if expert is not None and param.op == "get_attr":
+        parent, _, leaf = path.rpartition(".")
+        name = ".".join(filter(None, (parent, str(expert), leaf)))
+    return replace(site, name=name, weight=path, expert=expert, weight_size=size, router=router)
+
+
+#: Between a router's logits and the top-k: casts, views, a softmax or sigmoid, a bias.
+_ROUTING_STEPS = ("softmax", "sigmoid", "_to_copy", "to.", "view", "reshape", "add", "sub",
+                  "mul", "div", "float", "type_as", "getitem")
+
+
+def _feeds_routing(node: fx.Node, depth: int = 5) -> bool:
+    """Whether `node`'s output reaches a `topk` within `depth` steps of elementwise ops: a MoE
+    router (`mlp.gate` of Mixtral, Qwen-MoE, DeepSeek, OLMoE...)."""
+    frontier = [node]
+    for _ in range(depth):
+        following = []
+        for current in frontier:
+            for user in current.users:
+                name = str(user.target)
+                if "topk" in name:
+                    return True
+                if any(step in name for step in _ROUTING_STEPS):
+                    following.append(user)
+        frontier = following
+    return False
+
+
+def unquantizable_weights(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:
+    """One UNSUPPORTED site per parameter of 2+ dimensions that feeds a matmul-like product
+    (directly or through views, casts and slices) which no site takes as its weight, named by
+    the parameter's path: nothing that multiplies goes unlisted (embedding lookups do not
+    multiply and are not listed)."""
+    taken = {(s.node_name, s.weight) for s in sites if s.weight is not None}
+    found = []
+    for node in gm.graph.nodes:
+        value = parameter_value(gm, node)
+        if value is None or value.ndim < 2:
+            continue
+        path = _parameter_name(node)
+        consumers = [c for c in _consumers(node) if (c.name, path) not in taken]
+        if consumers:
+            first = consumers[0]
+            found.append(Site(
+                path, SiteKind.LINEAR, first.name, status=SiteStatus.UNSUPPORTED,
+                reason=(f"weight {list(value.shape)} feeds {_op_name(first)} ({first.name}), "
+                        "a product qcompile cannot quantize; it stays float"),
+                weight=path, weight_size=value.numel(),
+            ))
+    return found
+
+
+def _op_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _consumers(param: fx.Node) -> list[fx.Node]:
+    """The matmul-like nodes that `param` reaches through pass-through ops."""
+    found, stack, seen = [], [param], set()
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op != "call_function":
+                continue
+            if is_weight_consumer(user.target):
+                found.append(user)
+            elif is_target(user.target, PASS_THROUGH_OPS) and user.args and user.args[0] is node:
+                stack.append(user)
+    return found
 
 
 def _weight_size(node: fx.Node, kind: SiteKind) -> int | None:
@@ -172,7 +281,9 @@ def assign_specs(sites: list[Site], recipe: Recipe) -> list[Site]:
 
 
 def _assign(site: Site, recipe: Recipe) -> Site:
-    specs, reason = recipe.resolve(site.name, site.kind)
+    if site.status is SiteStatus.UNSUPPORTED and site.reason:
+        return site  # a weight no site quantizes (`unquantizable_weights`)
+    specs, reason = recipe.resolve(site.name, site.kind, router=site.router)
     if not specs:
         return replace(site, status=SiteStatus.EXCLUDED, reason=reason, specs={})
     for spec in specs.values():

@@ -9,12 +9,13 @@ from qcompile.algorithms.auto_recipe import auto_recipe
 from qcompile.algorithms.calibrate import CalibrationWarning, calibrate
 from qcompile.algorithms.gptq import gptq
 from qcompile.algorithms.smooth import smooth
+from qcompile.blocks import BlockError
 from qcompile.core.fake_quant import fake_quantize
 from qcompile.core.formats import FORMATS, QuantFormat, get_format
 from qcompile.core.quantizer import Quantizer, QuantSpec
 from qcompile.passes.capture import CaptureError
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
-from qcompile.prepare import PreparedModel, PrepareWarning, prepare
+from qcompile.prepare import PreparedBlock, PreparedModel, PrepareWarning, prepare
 from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe
 from qcompile.report import Report, report
 from qcompile.training.checkpoint import CheckpointError, load, save
@@ -26,9 +27,11 @@ from qcompile.version import __version__ as __version__
 __all__ = [
     "FORMATS",
     "RECIPES",
+    "BlockError",
     "CalibrationWarning",
     "CaptureError",
     "CheckpointError",
+    "PreparedBlock",
     "PreparedModel",
     "PrepareWarning",
     "Recipe",
@@ -57,6 +60,8 @@ __all__ = [
     "train",
     "export_onnx",
     "inspect_onnx",
+    "onnxruntime_session",
+    "verify_onnx",
     "build_engine",
     "run_engine",
     "QADTrainer",
@@ -67,6 +72,8 @@ __all__ = [
 _LAZY = {
     "export_onnx": ("qcompile.backends.onnx.export", "export_onnx"),
     "inspect_onnx": ("qcompile.backends.onnx.rules", "inspect_onnx"),
+    "onnxruntime_session": ("qcompile.backends.onnx.ort", "onnxruntime_session"),
+    "verify_onnx": ("qcompile.backends.onnx.verify", "verify_onnx"),
     "build_engine": ("qcompile.backends.tensorrt.engine", "build_engine"),
     "run_engine": ("qcompile.backends.tensorrt.engine", "run_engine"),
     "QADTrainer": ("qcompile.hf", "QADTrainer"),

@@ -5,20 +5,41 @@ its products are quantized -> insert -> training mode; the middle four are `quan
 torch.compile backend also runs) and owns the prepared model: a `torch.fx.GraphModule`
 that keeps the captured call signature and output structure (tuples, dicts, HF
 `ModelOutput`), follows `.train()` / `.eval()`, moves with `.to()` (device constants in the
-graph included), and saves and loads every quantizer in `state_dict()`. It knows nothing of
-numerics (quantizers do) or of backends.
+graph included), and saves and loads every quantizer in `state_dict()`.
+
+Block-wise (`blocks=`), it prepares each repeated block as its own `PreparedBlock` graph and
+puts it back in place in a copy of the model: the result is the user's own class, its code
+outside the blocks untouched. A `PreparedBlock` runs one captured graph per call structure
+(captured once per block class and reused with each block's weights; a new structure, such as
+the decode steps of a KV cache, is captured when first met) and feeds a Hugging Face KV cache
+(`qcompile.blocks`). It knows nothing of numerics (quantizers do) or of backends.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
+import types
 import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
+from qcompile.blocks import (
+    BlockError,
+    TensorCache,
+    cache_argument,
+    call_key,
+    find_blocks,
+    layer_index,
+    read_past,
+    record_calls,
+)
 from qcompile.core.quantizer import Quantizer
 from qcompile.input_check import InputSignature
 from qcompile.passes.attention import decompose_sdpa, positional_operands
@@ -28,9 +49,9 @@ from qcompile.passes.devices import retarget_devices
 from qcompile.passes.insert import insert_quantizers
 from qcompile.passes.kv_cache import kv_cache_sites
 from qcompile.passes.match import assign_specs, find_sites
-from qcompile.passes.sites import Site, SiteKind, SiteStatus
+from qcompile.passes.sites import Site, SiteKind, SiteStatus, model_sites, weight_coverage
 from qcompile.passes.train_mode import bind_training_mode
-from qcompile.recipe import Recipe, get_recipe
+from qcompile.recipe import ROUTER_REASON, Recipe, get_recipe
 from qcompile.training.checkpoint import check_state_dict
 
 # GraphModule.__deepcopy__ keeps only the attributes listed under this key of `meta`.
@@ -39,7 +60,13 @@ _PRESERVED = "_user_preserved_attributes"
 
 class PrepareWarning(UserWarning):
     """`prepare` worked, but not quite as asked: a recipe pattern matches no site, no site is
-    quantized, or an example size of 0 or 1 was fixed in the graph."""
+    quantized, more than `FLOAT_WEIGHT_LIMIT` of the matmul weights stay float (output heads
+    and MoE routers aside), or an example size of 0 or 1 was fixed in the graph."""
+
+
+#: The share of matmul weight elements (output heads and routers aside) that may stay float
+#: without a warning.
+FLOAT_WEIGHT_LIMIT = 0.02
 
 
 class PreparedModel(fx.GraphModule):
@@ -93,9 +120,10 @@ def _check_call(module: PreparedModel, args: tuple, kwargs: dict) -> None:
 
 
 def _as_prepared(
-    gm: fx.GraphModule, sites: list[Site], recipe: Recipe, inputs: InputSignature, source: str
+    gm: fx.GraphModule, sites: list[Site], recipe: Recipe, inputs: InputSignature, source: str,
+    base: type[PreparedModel] = PreparedModel,
 ) -> PreparedModel:
-    class GraphModuleImpl(PreparedModel):  # GraphModule installs forward on a per-instance class
+    class GraphModuleImpl(base):  # GraphModule installs forward on a per-instance class
         pass
 
     gm.__class__ = GraphModuleImpl
@@ -111,13 +139,15 @@ def _as_prepared(
     gm.qcompile_recipe = recipe
     gm.qcompile_inputs = inputs
     gm.qcompile_model_class = source
-    inputs.fix_dims(gm)
+    if base is PreparedModel:
+        inputs.fix_dims(gm)
     gm.register_forward_pre_hook(_check_call, with_kwargs=True)
     gm.recompile()
-    inputs.names = tuple(  # how the prepared forward binds positional arguments
-        name for name, parameter in inspect.signature(gm.forward).parameters.items()
-        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
-    )
+    if base is PreparedModel:
+        inputs.names = tuple(  # how the prepared forward binds positional arguments
+            name for name, parameter in inspect.signature(gm.forward).parameters.items()
+            if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        )
     return gm
 
 
@@ -128,7 +158,8 @@ def prepare(
     example_kwargs: dict[str, Any] | None = None,
     *,
     dynamic: bool = True,
-) -> PreparedModel:
+    blocks: str | Iterable[str] | None = "auto",
+) -> nn.Module:
     """Return a quantization-ready copy of `model`; `model` itself is not modified.
 
     Args:
@@ -138,6 +169,17 @@ def prepare(
             `{"attention_mask": mask}`. The prepared model takes the same arguments.
         dynamic: let every dimension of the example tensors vary (batch, sequence length);
             False fixes the shapes as given.
+        blocks: which modules to prepare one by one. None: the whole model is one graph
+            (a `PreparedModel`). Glob patterns on module paths ("model.layers.*"): each
+            matching module is captured as its own graph and put back in place in a copy of
+            `model`, which stays an instance of its class (Hugging Face `generate` with its KV
+            cache, `save_pretrained`, FSDP per block and activation checkpointing work on it);
+            its sites are named by their full path (`model.layers.3.mlp.down_proj`), and the
+            Linear layers outside the blocks stay float (listed in a `PrepareWarning`).
+            "auto" (default): block-wise for models whose repeated blocks (the longest
+            `ModuleList` of one class holding Linear layers) receive a KV cache object in the
+            example call (Hugging Face decoders called with `use_cache` at its default), the
+            whole model as one graph otherwise.
 
     Static quantizers (the activations of int8, fp8, nvfp4, w4a8) need
     `qcompile.calibrate` before the first forward pass.
@@ -155,6 +197,11 @@ def prepare(
             "prepare needs an example call to capture the model: write "
             "prepare(model, recipe, example_inputs=(x,)) or example_kwargs={...}"
         )
+    if blocks is not None:
+        blockwise = _prepare_blockwise(model, recipe, tuple(example_inputs),
+                                       dict(example_kwargs or {}), dynamic, blocks)
+        if blockwise is not None:
+            return blockwise
     gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
     inputs = InputSignature.record(
         model, tuple(example_inputs), dict(example_kwargs or {}), dynamic
@@ -166,11 +213,14 @@ def prepare(
     prepared = _as_prepared(gm, sites, recipe, inputs, type(model).__name__)
     prepared.train(model.training)
     _warn_nothing_quantized(model, sites)
+    _warn_float_weights(sites)
     _warn_fixed_small_dims(inputs)
     return prepared
 
 
-def quantize_graph(gm: fx.GraphModule, recipe: Recipe, model_name: str = "the model") -> list[Site]:
+def quantize_graph(
+    gm: fx.GraphModule, recipe: Recipe, model_name: str = "the model", prefix: str = ""
+) -> list[Site]:
     """Put the recipe's quantizers into a captured graph (in place): canonicalize, match,
     decompose the quantized attention where the recipe quantizes its products
     (`Recipe.attention="products"`; by default query, key and value are quantized in front of
@@ -178,10 +228,12 @@ def quantize_graph(gm: fx.GraphModule, recipe: Recipe, model_name: str = "the mo
 
     `prepare` runs it on torch.export's graph; the `qcompile` torch.compile backend on the
     graph dynamo captured. A site whose operands cannot be quantized raises a `CaptureError`.
+    `prefix` is the graph's module path in the model (a block's): the recipe's patterns are
+    matched against `prefix.site`, the returned sites are named relative to the graph.
     """
     canonicalize(gm)
     positional_operands(gm)
-    sites = assign_specs(find_sites(gm), recipe)
+    sites = _assign(find_sites(gm), recipe, prefix)
     problem = site_operand_problem(gm, sites)
     if problem is not None:
         raise CaptureError(f"cannot capture {model_name}: {problem}")
@@ -190,8 +242,16 @@ def quantize_graph(gm: fx.GraphModule, recipe: Recipe, model_name: str = "the mo
         attention = _quantized_attention(sites)
         if attention:
             decompose_sdpa(gm, attention)
-            sites = assign_specs(find_sites(gm), recipe)
+            sites = _assign(find_sites(gm), recipe, prefix)
     return insert_quantizers(gm, sites) + kv_cache
+
+
+def _assign(sites: list[Site], recipe: Recipe, prefix: str) -> list[Site]:
+    """`assign_specs` on the full names (`prefix.site`); the sites keep their own names."""
+    if not prefix:
+        return assign_specs(sites, recipe)
+    full = assign_specs([replace(s, name=f"{prefix}.{s.name}") for s in sites], recipe)
+    return [replace(f, name=s.name) for s, f in zip(sites, full)]
 
 
 def _check_not_prepared(model: nn.Module) -> None:
@@ -222,6 +282,28 @@ def _warn_unmatched(recipe: Recipe, sites: list[Site]) -> None:
             PrepareWarning,
             stacklevel=3,
         )
+
+
+def _warn_float_weights(sites: list[Site]) -> None:
+    """Warn where more than `FLOAT_WEIGHT_LIMIT` of the matmul weight elements stay float for
+    other reasons than the defaults (output heads, MoE routers), naming the weights."""
+    coverage = weight_coverage(sites)
+    chosen = [(name, size, reason) for name, size, reason in coverage.floating
+              if not reason.startswith(("output head", ROUTER_REASON))]
+    left = sum(size for _, size, _ in chosen)
+    if not coverage.total or left <= FLOAT_WEIGHT_LIMIT * coverage.total or not any(
+        s.status is SiteStatus.QUANTIZED for s in sites
+    ):
+        return
+    chosen.sort(key=lambda item: -item[1])
+    shown = "; ".join(f"{name} ({size:,}): {reason}" for name, size, reason in chosen[:6])
+    warnings.warn(
+        f"{100 * left / coverage.total:.1f}% of the matmul weight elements stay float "
+        f"({len(chosen)} weights; {coverage.describe()}): {shown}"
+        f"{'; ...' if len(chosen) > 6 else ''}. qcompile.report(qmodel) lists them all.",
+        PrepareWarning,
+        stacklevel=3,
+    )
 
 
 def _warn_no_kv_cache(recipe: Recipe, sites: list[Site]) -> None:
@@ -264,3 +346,371 @@ def _quantized_attention(sites: list[Site]) -> set[str]:
     """Names of the SDPA nodes that the recipe quantizes."""
     return {site.node_name for site in sites
             if site.status is SiteStatus.QUANTIZED and site.kind is SiteKind.ATTENTION}
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-wise prepare
+
+#: A block called with more structures than this is refused (each needs its own graph).
+_MAX_VARIANTS = 8
+
+
+@dataclass
+class _Variant:
+    """One captured graph of a block, for one call structure (`qcompile.blocks.call_key`).
+    `forward` None: the block's own graph; else generated code run against the block."""
+
+    out_spec: Any
+    forward: Callable | None = None
+    graph: fx.Graph | None = None
+
+    def __deepcopy__(self, memo):  # never changed once made; copies drop captured ones
+        return self
+
+
+@dataclass
+class BlockInfo:
+    """What a `PreparedBlock` needs besides its graph: its path in the model, the KV-cache
+    layer it reads, the float block on the meta device (to capture a new call structure), the
+    recipe, and its graphs by call structure."""
+
+    path: str
+    layer_idx: int
+    template: nn.Module
+    recipe: Recipe
+    dynamic: bool
+    variants: dict[tuple, _Variant] = field(default_factory=dict)
+
+
+class PreparedBlock(PreparedModel):
+    """One block of a block-wise prepared model, in the block's place.
+
+    It takes the block's own call (`block(hidden_states, attention_mask=..., cache=...)`):
+    a Hugging Face KV cache passed to it is read (this layer's past keys/values go into the
+    graph as tensors) and updated with the keys/values the graph computed. Each call structure
+    (argument structure, constants, sizes 0 and 1, a past or none) runs its own graph; the
+    first one met in use is captured then from the float block's structure (on the meta
+    device), with the block's parameters and quantizers. `qcompile_sites` are relative to the
+    block; `qcompile.passes.sites.model_sites(model)` names them from the model's root."""
+
+    qcompile_block: BlockInfo
+
+    def recompile(self):
+        result = super().recompile()
+        cls = type(self)  # GraphModule just installed the graph's code as cls.forward
+        generated = cls.__dict__.get("forward")
+        if generated is not None and generated is not PreparedBlock.forward:
+            cls.graph_forward = generated
+            cls.forward = PreparedBlock.forward
+        return result
+
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)
+        copied.qcompile_block.variants = _own_graph_only(copied.qcompile_block.variants)
+        return copied
+
+    def _apply(self, fn, recurse=True):
+        before = _device(self)
+        result = super()._apply(fn, recurse)
+        if _device(self) != before:  # graphs captured in use hold the old device
+            self.qcompile_block.variants = _own_graph_only(self.qcompile_block.variants)
+        return result
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        info = self.qcompile_block
+        name = cache_argument(kwargs)
+        cache = kwargs.pop(name) if name is not None else None
+        past = None if cache is None else read_past(cache, info.layer_idx)
+        key = (name, call_key(args, kwargs, past))
+        variant = info.variants.get(key)
+        if variant is None:
+            if torch.compiler.is_compiling():
+                raise BlockError(
+                    f"block {info.path} has no graph for this call structure yet, and none can "
+                    "be captured while torch.export / torch.compile trace the model: call the "
+                    "model once eagerly with the same arguments (e.g. use_cache=False) first"
+                )
+            variant = self._capture_variant(key, args, kwargs, past, name)
+        run = variant.forward or type(self).graph_forward
+        flat = run(self, *pytree.tree_leaves((args, kwargs, past)))
+        output, new = pytree.tree_unflatten(list(flat), variant.out_spec)
+        if new is not None:
+            cache.update(new[0], new[1], info.layer_idx)
+        return output
+
+    def _capture_variant(
+        self, key: tuple, args: tuple, kwargs: dict, past: tuple | None, cache_name: str | None
+    ) -> _Variant:
+        info = self.qcompile_block
+        if len(info.variants) >= _MAX_VARIANTS:
+            raise BlockError(
+                f"block {info.path} was called with {len(info.variants)} different argument "
+                "structures (constants, None or not, sizes 0 and 1); each needs its own graph. "
+                "Call it consistently, or prepare with blocks=None"
+            )
+        meta = pytree.tree_map(
+            lambda x: torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x,
+            (args, kwargs, past),
+        )
+        # own saved-tensor hooks: an activation checkpoint's must not count the capture's
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            gm, out_spec = _capture_block(info.template, *meta, cache_name, info.dynamic)
+        sites = quantize_graph(gm, info.recipe, type(info.template).__name__, info.path)
+        bind_training_mode(gm)
+        retarget_devices(gm, torch.device("meta"), _device(self) or torch.device("cpu"))
+        mine = {(s.name, r): p for s in self.qcompile_sites for r, p in s.quantizers.items()}
+        theirs = {(s.name, r): p for s in sites for r, p in s.quantizers.items()}
+        if mine != theirs:
+            differ = sorted(set(mine) ^ set(theirs))[:4]
+            raise BlockError(
+                f"block {info.path} called this way has other quantized sites than as prepared "
+                f"(differing: {differ}); prepare it with an example call like this one"
+            )
+        weights = {n for n, _ in info.template.named_parameters()}
+        weights |= {n for n, _ in info.template.named_buffers()}
+        index = len(info.variants)
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and node.target in theirs.values():
+                continue  # the block's own quantizer of that site and role
+            if node.op == "get_attr" and node.target in weights:
+                continue
+            if node.op not in ("call_module", "get_attr"):
+                continue
+            value = _attribute(gm, node.target)
+            name = f"qcompile_variant{index}_{node.target.replace('.', '_')}"
+            if isinstance(value, nn.Module):
+                self.add_module(name, value.to(_device(self) or "cpu"))
+            elif isinstance(value, torch.Tensor):
+                if value.device.type == "meta":
+                    raise BlockError(
+                        f"block {info.path}: a new call structure needs the tensor constant "
+                        f"{node.target} that the block creates in forward, which cannot be "
+                        "captured without weights; prepare with an example call like this one"
+                    )
+                self.register_buffer(name, value, persistent=False)
+            else:
+                setattr(self, name, value)
+            node.target = name
+        code = gm.graph.python_code("self")
+        namespace = dict(code.globals)
+        source = compile(code.src, f"<qcompile {info.path} variant {index}>", "exec")
+        exec(source, namespace)  # noqa: S102 - FX's own generated code, as GraphModule does
+        variant = _Variant(out_spec, namespace["forward"], gm.graph)
+        info.variants[key] = variant
+        return variant
+
+
+def _own_graph_only(variants: dict[tuple, _Variant]) -> dict[tuple, _Variant]:
+    """The variants that run the block's own graph; the others are captured again in use."""
+    return {key: variant for key, variant in variants.items() if variant.forward is None}
+
+
+def _attribute(module: nn.Module, target: str) -> Any:
+    owner, _, leaf = target.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, leaf)
+
+
+def _block_call(self: nn.Module, args: tuple, kwargs: dict, past: tuple | None) -> tuple:
+    """The forward that a block is captured with: its own call, with a `TensorCache` holding
+    `past` in place of the KV cache; returns (output, the new keys and values or None)."""
+    name = self.qcompile_cache_name
+    if name is None:
+        return type(self).forward(self, *args, **kwargs), None
+    cache = TensorCache(past)
+    output = type(self).forward(self, *args, **kwargs, **{name: cache})
+    return output, cache.new
+
+
+def _capture_block(
+    block: nn.Module, args: tuple, kwargs: dict, past: tuple | None, cache_name: str | None,
+    dynamic: bool,
+) -> tuple[fx.GraphModule, Any]:
+    """Capture `block` (its tensors shared, not copied) called with (args, kwargs) and the
+    cache replaced by a `TensorCache`; returns the graph module, taking the flat leaves of
+    (args, kwargs, past) positionally, and the structure of its (output, new k/v)."""
+    block.qcompile_cache_name = cache_name
+    block.forward = types.MethodType(_block_call, block)
+    try:
+        gm = capture(block, (args, kwargs, past), {}, dynamic=dynamic, share_tensors=True)
+    finally:
+        del block.forward, block.qcompile_cache_name
+    codegen = gm.graph._codegen
+    out_spec = codegen.pytree_info.out_spec
+    gm.graph._codegen = fx.graph.CodeGen()
+    gm.recompile()
+    return gm, out_spec
+
+
+def _graph_for(
+    block: nn.Module, template: fx.GraphModule, copy_modules: bool = False
+) -> fx.GraphModule:
+    """A copy of `template`'s graph reading `block`'s parameters and buffers; the rest
+    (constants the graph made, and with `copy_modules` copies of its quantizers and
+    training switches) comes from `template`."""
+    graph = fx.Graph()
+    output = graph.graph_copy(template.graph, {})
+    graph.output(output)
+    graph._codegen = copy.deepcopy(template.graph._codegen)
+    own = {n for n, _ in block.named_parameters()} | {n for n, _ in block.named_buffers()}
+    root = nn.Module()
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            value = _attribute(block if node.target in own else template, node.target)
+            if copy_modules and isinstance(value, Quantizer) and not value.calibrated:
+                value = Quantizer(value.spec).to(value.amax.device)  # fresh: cheaper than a copy
+            elif copy_modules and isinstance(value, nn.Module):
+                value = copy.deepcopy(value)
+            _put(root, node.target, value)
+    gm = fx.GraphModule(root, graph)
+    for name, _ in block.named_buffers():  # GraphModule registers every buffer as persistent
+        owner, _, leaf = name.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        if leaf in _non_persistent(block, name):
+            module._non_persistent_buffers_set.add(leaf)
+    return gm
+
+
+def _same_specs(sites: list[Site], path: str, other: str, recipe: Recipe) -> bool:
+    """Whether the recipe gives the sites of the block at `other` what it gave `path`'s
+    (its exclude and override patterns may name blocks)."""
+    raw = [replace(s, status=SiteStatus.QUANTIZED, reason="", specs={}, quantizers={})
+           for s in sites]
+    mine, theirs = _assign(raw, recipe, path), _assign(raw, recipe, other)
+    return all((a.status, a.specs, a.reason) == (b.status, b.specs, b.reason)
+               for a, b in zip(mine, theirs))
+
+
+def _non_persistent(block: nn.Module, name: str) -> set[str]:
+    owner = name.rpartition(".")[0]
+    return (block.get_submodule(owner) if owner else block)._non_persistent_buffers_set
+
+
+def _put(root: nn.Module, target: str, value: Any) -> None:
+    *owners, leaf = target.split(".")
+    module = root
+    for owner in owners:
+        if not hasattr(module, owner):
+            module.add_module(owner, nn.Module())
+        module = getattr(module, owner)
+    if isinstance(value, nn.Parameter):
+        module.register_parameter(leaf, value)
+    elif isinstance(value, nn.Module):
+        module.add_module(leaf, value)
+    elif isinstance(value, torch.Tensor):
+        module.register_buffer(leaf, value)
+    else:
+        setattr(module, leaf, value)
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters and buffers are on the meta device."""
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = (nn.Parameter(meta, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, nn.Parameter) else meta)
+    return copy.deepcopy(module, memo)
+
+
+def _check_loaded(module, state_dict, prefix, *_: Any) -> None:
+    """Load-state-dict pre-hook of a block-wise prepared model: refuse a state dict saved with
+    other quantizer specs or holding other shapes before anything is loaded (torch itself
+    then reports missing and unexpected keys, as `strict` asks)."""
+    if not prefix:
+        check_state_dict(module, state_dict, strict=False)
+
+
+def _prepare_blockwise(
+    model: nn.Module, recipe: Recipe, args: tuple, kwargs: dict, dynamic: bool,
+    blocks: str | Iterable[str],
+) -> nn.Module | None:
+    """`prepare` block by block, or None where "auto" keeps the model one graph."""
+    paths = find_blocks(model, blocks)
+    if not paths:
+        return None
+    try:
+        calls = record_calls(model, paths, args, kwargs)
+    except Exception:  # "auto" leaves explaining a failing call to capture
+        if blocks == "auto":
+            return None
+        raise
+    if blocks == "auto" and not any(cache_argument(kw) for _, kw, _ in calls.values()):
+        return None
+    root = copy.deepcopy(model)
+    captured: dict[tuple, tuple[fx.GraphModule, Any]] = {}
+    quantized: dict[tuple, tuple[str, PreparedBlock, nn.Module]] = {}
+    for path in paths:
+        block = root.get_submodule(path)
+        block_args, block_kwargs, past = calls[path]
+        name = cache_argument(block_kwargs)
+        graph_kwargs = {k: v for k, v in block_kwargs.items() if k != name}
+        key = (name, call_key(block_args, graph_kwargs, past))
+        if (type(block), key) not in captured:
+            captured[type(block), key] = _capture_block(
+                block, block_args, graph_kwargs, past, name, dynamic)
+        template, out_spec = captured[type(block), key]
+        first = quantized.get((type(block), key))
+        if first is not None and _same_specs(first[1].qcompile_sites, first[0], path, recipe):
+            # the graph of the first such block, with this block's weights and own quantizers
+            gm, sites, meta = _graph_for(block, first[1], copy_modules=True), \
+                first[1].qcompile_sites, first[2]
+        else:
+            gm = _graph_for(block, template)
+            sites = quantize_graph(gm, recipe, type(block).__name__, path)
+            bind_training_mode(gm)
+            meta = _meta_copy(block)
+        inputs = InputSignature.record(block, block_args, graph_kwargs, dynamic)
+        inputs.check_constants = False
+        inputs.names = tuple(
+            n for n, p in inspect.signature(block.forward).parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        prepared = _as_prepared(gm, sites, recipe, inputs, type(block).__name__, PreparedBlock)
+        info = BlockInfo(path, layer_index(block, path), meta, recipe, dynamic,
+                         {key: _Variant(out_spec)})
+        prepared.meta[_PRESERVED]["qcompile_block"] = info
+        prepared.qcompile_block = info
+        prepared.train(block.training)
+        quantized.setdefault((type(block), key), (path, prepared, meta))
+        owner, _, leaf = path.rpartition(".")
+        (root.get_submodule(owner) if owner else root).add_module(leaf, prepared)
+    root.qcompile_recipe = recipe
+    root.qcompile_model_class = type(model).__name__
+    root.qcompile_inputs = InputSignature.record(model, args, kwargs, dynamic)
+    root.qcompile_blocks = paths
+    root.qcompile_outside = _outside_sites(root, paths, recipe)
+    root.register_load_state_dict_pre_hook(_check_loaded)
+    sites = model_sites(root)
+    _warn_unmatched(recipe, sites)
+    _warn_float_outside(root.qcompile_outside)
+    _warn_nothing_quantized(model, sites)
+    return root
+
+
+#: Why a Linear outside the blocks is float, where the recipe would quantize it.
+OUTSIDE_BLOCKS = "outside the prepared blocks (prepare with blocks=None to quantize it)"
+
+
+def _outside_sites(root: nn.Module, paths: list[str], recipe: Recipe) -> list[Site]:
+    """The Linear layers outside the blocks, as float sites: the recipe's reason (output
+    head, excluded) where it leaves them float, else `OUTSIDE_BLOCKS`."""
+    names = [
+        name for name, module in root.named_modules()
+        if isinstance(module, nn.Linear) and not any(name.startswith(f"{p}.") for p in paths)
+    ]
+    sites = assign_specs([Site(name, SiteKind.LINEAR, "") for name in names], recipe)
+    return [
+        replace(site, specs={}, status=SiteStatus.EXCLUDED, reason=OUTSIDE_BLOCKS)
+        if site.status is SiteStatus.QUANTIZED else site
+        for site in sites
+    ]
+
+
+def _warn_float_outside(sites: list[Site]) -> None:
+    left = [site.name for site in sites if site.reason == OUTSIDE_BLOCKS]
+    if left:
+        warnings.warn(
+            f"Linear layers outside the prepared blocks stay float: {', '.join(left[:6])}"
+            f"{', ...' if len(left) > 6 else ''}; prepare with blocks=None to quantize them too",
+            PrepareWarning,
+            stacklevel=3,
+        )

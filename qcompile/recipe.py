@@ -3,7 +3,8 @@
 A `Recipe` says, per site kind (Linear, activation-activation matmul, fused attention,
 convolution), which `QuantSpec` guards the weight and which the activation input, which sites
 stay in float (`exclude` glob patterns on site names) and per-site overrides. The named recipes
-(`int8`, `fp8`, `nvfp4`, `mxfp4`, `mxfp8`, `int4`, `w4a8`) are plain instances in `RECIPES`. A
+(`int8`, `fp8`, `nvfp4`, `mxfp4`, `mxfp8`, `mxfp4_ocp`, `mxfp8_ocp`,
+`int4`, `w4a8`) are plain instances in `RECIPES`. A
 recipe also says how a fused attention is quantized (`attention`), whether the attention's key
 and value states are quantized as a serving engine's KV cache stores them (`kv_cache`), and
 whether layers that serving engines fuse into one matmul (q/k/v, gate/up: `fused_group`) share
@@ -59,6 +60,9 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "score", "*.score",
     "qa_outputs", "*.qa_outputs",
 )
+
+#: The reason a MoE router stays float (routers are tiny, and routing is sensitive).
+ROUTER_REASON = "MoE router"
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ class Recipe:
             "Training memory".
         exclude: glob patterns on site names (`encoder.layer.0.attention.self.query`) that
             stay in float. The default keeps output heads (`lm_head`, `classifier`, ...) float.
+            MoE routers (a Linear whose output feeds the top-k expert choice) stay float too,
+            unless an override names them.
         overrides: glob pattern -> `SiteSpecs` (or None for float), checked before `exclude`
             in the order given; the first matching pattern wins.
         learn_scales: calibrated (static) int8/int4/fp8 ranges become learnable parameters
@@ -198,11 +204,14 @@ class Recipe:
             return self.conv or self.linear
         return self.linear
 
-    def resolve(self, name: str, kind: SiteKind) -> tuple[dict[str, QuantSpec], str]:
-        """Role -> spec for the site `name`, or ({}, reason) where it stays float."""
+    def resolve(
+        self, name: str, kind: SiteKind, *, router: bool = False
+    ) -> tuple[dict[str, QuantSpec], str]:
+        """Role -> spec for the site `name`, or ({}, reason) where it stays float. A MoE
+        `router` stays float unless an override names it."""
         if kind is SiteKind.KV_CACHE:
             return self._kv_cache(name)
-        roles, reason = self._resolve(name, kind)
+        roles, reason = self._resolve(name, kind, router)
         if self.tie_fused and kind is SiteKind.LINEAR and fused_group(name) is not None:
             roles = {role: _static_per_tensor(spec) if role == "weight" else spec
                      for role, spec in roles.items()}
@@ -217,12 +226,17 @@ class Recipe:
         spec = QuantSpec(self.kv_cache)
         return self._finish({"key": spec, "value": spec}), ""
 
-    def _resolve(self, name: str, kind: SiteKind) -> tuple[dict[str, QuantSpec], str]:
+    def _resolve(
+        self, name: str, kind: SiteKind, router: bool
+    ) -> tuple[dict[str, QuantSpec], str]:
         for pattern, specs in self.overrides:
             if fnmatch.fnmatchcase(name, pattern):
                 if specs is None:
                     return {}, f"override {pattern!r} keeps it in float"
                 return self._finish(specs.roles(kind)), ""
+        if router:
+            return {}, (f"{ROUTER_REASON} (its output picks the experts; an override "
+                        "naming it quantizes it)")
         for pattern in self.exclude:
             if fnmatch.fnmatchcase(name, pattern):
                 reason = "output head" if pattern in DEFAULT_EXCLUDE else "excluded"
@@ -369,6 +383,9 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe("mxfp4", SiteSpecs(weight=QuantSpec("mxfp4"), input=QuantSpec("mxfp4"))),
         Recipe("mxfp8", SiteSpecs(weight=QuantSpec("mxfp8"), input=QuantSpec("mxfp8"))),
+        # The OCP MX 1.0 scale rule, for runtimes that follow the OCP text (README numerics).
+        Recipe("mxfp4_ocp", SiteSpecs(weight=QuantSpec("mxfp4_ocp"), input=QuantSpec("mxfp4_ocp"))),
+        Recipe("mxfp8_ocp", SiteSpecs(weight=QuantSpec("mxfp8_ocp"), input=QuantSpec("mxfp8_ocp"))),
         Recipe("int4", SiteSpecs(weight=QuantSpec("int4", dynamic=True))),
         Recipe(
             "w4a8",

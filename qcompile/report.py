@@ -2,9 +2,10 @@
 
 This module owns what a user reads about a prepared model: each site's name, op kind, the
 format of each quantized input, the calibrated amax (or why there is none), and whether the
-site is quantized, excluded or unsupported, with the reason, and the effective bits per
-weight. It reads the sites through `passes.sites` and the quantizers' state; it changes nothing
-and knows nothing of how the model was built.
+site is quantized, excluded or unsupported, with the reason, the fraction of matmul weight
+elements quantized and the effective bits per weight. It reads the sites through
+`passes.sites` and the quantizers' state; it changes nothing and knows nothing of how the
+model was built.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from qcompile.core.formats import get_format
 from qcompile.core.quantizer import Granularity, Quantizer
-from qcompile.passes.sites import model_sites, site_quantizers
+from qcompile.passes.sites import WeightCoverage, model_sites, site_quantizers, weight_coverage
 
 NONE = "-"
 
@@ -42,12 +43,14 @@ class Report:
     #: Bits stored per weight element over the weights of all Linear/conv sites (scales
     #: included; float sites count 16), or None where no site's weight size is known.
     effective_bits: float | None = None
+    #: The fraction of matmul weight elements quantized (None for an unprepared module).
+    coverage: WeightCoverage | None = None
 
     def as_dicts(self) -> list[dict[str, str]]:
         return [asdict(row) for row in self.rows]
 
     def __str__(self) -> str:
-        return format_report(self.rows, self.effective_bits)
+        return format_report(self.rows, self.effective_bits, self.coverage)
 
     __repr__ = __str__
 
@@ -131,8 +134,12 @@ def effective_bits(model: nn.Module) -> float | None:
     return bits / total if total else None
 
 
-def format_report(rows: list[SiteRow], effective_bits: float | None = None) -> str:
-    """An aligned text table of `rows` with a header and a one-line summary."""
+def format_report(
+    rows: list[SiteRow], effective_bits: float | None = None,
+    coverage: WeightCoverage | None = None,
+) -> str:
+    """An aligned text table of `rows` with a header and a one-line summary (with the weight
+    coverage and effective bits, where given)."""
     header = [f.name for f in fields(SiteRow)]
     table = [header] + [[getattr(row, name) for name in header] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -141,6 +148,8 @@ def format_report(rows: list[SiteRow], effective_bits: float | None = None) -> s
     counts = {status: sum(row.status == status for row in rows)
               for status in ("quantized", "excluded", "unsupported")}
     summary = f"{len(rows)} sites: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+    if coverage is not None and coverage.total:
+        summary += f"; {coverage.describe()}"
     if effective_bits is not None:
         summary += (f"; {effective_bits:.2f} effective bits per weight (scales included, "
                     "float 16, excluded sites not counted)")
@@ -148,5 +157,9 @@ def format_report(rows: list[SiteRow], effective_bits: float | None = None) -> s
 
 
 def report(model: nn.Module) -> Report:
-    """The sites of a prepared model, their formats, amax and status; print it for a table."""
-    return Report(report_rows(model), effective_bits(model))
+    """The sites of a prepared model, their formats, amax and status, the fraction of its
+    matmul weight elements that is quantized (`.coverage`) and its effective bits per weight;
+    print it for a table."""
+    sites = model_sites(model)
+    return Report(report_rows(model), effective_bits(model),
+                  None if sites is None else weight_coverage(sites))

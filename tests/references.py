@@ -12,6 +12,10 @@ Two references, each written from the contract and not from `qcompile.core.numer
   `onnx_nvfp4_two_level` dequantizes the FLOAT8E4M3FN block scales by the fp32 global scale
   inside the model, the form exported to TensorRT.
 
+E8M0 (MX) scales follow one of two rules, each written here from its definition: "ceil"
+(default `mxfp4`/`mxfp8`: the smallest power of two 2**k >= fp32(amax / max), what NVIDIA's
+runtimes compute) and "ocp" (`*_ocp`: 2**(floor(log2(amax)) - emax), the OCP MX text).
+
 Dynamic amax ignores inf and NaN (as `qcompile.core.numerics.finite_abs` documents). The format
 table below is written out again on purpose rather than read from `qcompile.core.formats`.
 """
@@ -37,6 +41,7 @@ class RefFormat:
     scale: str  # "fp32", "nvfp4", "e8m0"
     block_size: int | None
     emax: int = 0  # exponent of the largest power of two of the element (E8M0 scales)
+    rule: str = ""  # E8M0 scales: "ceil" or "ocp"
 
 
 REF_FORMATS = {
@@ -46,8 +51,10 @@ REF_FORMATS = {
         RefFormat("int4", "int4", -8.0, 7.0, "fp32", 128),
         RefFormat("fp8", "e4m3", -448.0, 448.0, "fp32", None),
         RefFormat("nvfp4", "e2m1", -6.0, 6.0, "nvfp4", 16),
-        RefFormat("mxfp4", "e2m1", -6.0, 6.0, "e8m0", 32, emax=2),
-        RefFormat("mxfp8", "e4m3", -448.0, 448.0, "e8m0", 32, emax=8),
+        RefFormat("mxfp4", "e2m1", -6.0, 6.0, "e8m0", 32, emax=2, rule="ceil"),
+        RefFormat("mxfp8", "e4m3", -448.0, 448.0, "e8m0", 32, emax=8, rule="ceil"),
+        RefFormat("mxfp4_ocp", "e2m1", -6.0, 6.0, "e8m0", 32, emax=2, rule="ocp"),
+        RefFormat("mxfp8_ocp", "e4m3", -448.0, 448.0, "e8m0", 32, emax=8, rule="ocp"),
     )
 }
 
@@ -77,15 +84,53 @@ class RefScales:
     global_scale: np.ndarray | None = None  # fp32 0-d
 
 
-def e8m0_scale(block_amax: np.ndarray, emax: int) -> np.ndarray:
-    """2**(floor(log2(amax)) - emax) clamped to E8M0's exponents [-127, 127]; amax 0 -> 2**-127."""
-    mantissa, exponent = np.frexp(block_amax.astype(np.float64))  # amax = m * 2**e, m in [.5, 1)
-    floor_log2 = np.where(block_amax > 0, exponent - 1, -127)
-    e = np.clip(floor_log2 - emax, -127, 127)
+def e8m0_scale(block_amax: np.ndarray, fmt: RefFormat) -> np.ndarray:
+    """The E8M0 scale 2**e, e clamped to [-127, 127], of each (finite, >= 0) block amax.
+
+    ocp: e = floor(log2(amax)) - emax. ceil: the smallest e with 2**e >= q, where
+    q = amax / max divided in float32 (round to nearest). amax 0 -> 2**-127 under both.
+    """
+    if fmt.rule == "ocp":
+        mantissa, exponent = np.frexp(block_amax.astype(np.float64))  # amax = m * 2**e, m in [.5, 1)
+        floor_log2 = np.where(block_amax > 0, exponent - 1, -127)
+        e = np.clip(floor_log2 - fmt.emax, -127, 127)
+    elif fmt.rule == "ceil":
+        q = (block_amax.astype(F32) / F32(fmt.qmax)).astype(np.float64)  # exact from here on
+        mantissa, exponent = np.frexp(q)  # q = m * 2**x, m in [.5, 1): 2**x >= q > 2**(x - 1)
+        ceil_log2 = np.where(mantissa == 0.5, exponent - 1, exponent)
+        e = np.clip(np.where(q > 0, ceil_log2, -127), -127, 127)
+    else:
+        raise AssertionError(fmt.rule)
     scale = np.ldexp(np.float64(1), e).astype(F32)  # exact: 2**-127 is an fp32 subnormal
     # E8M0 holds every one of these exactly; casting through it must not change anything.
     assert np.array_equal(scale.astype(ml_dtypes.float8_e8m0fnu).astype(F32), scale)
     return scale
+
+
+def e8m0_edge_amaxes(element_max: float) -> np.ndarray:
+    """Block amaxes at the edges of both E8M0 rules: exactly max * 2**k, one ulp either side,
+    significands just over and under the element max's, powers of two, zero, fp32 subnormals
+    (quotients around 2**-127) and the largest finite values."""
+    m = F32(element_max)
+    at = np.ldexp(m, np.arange(-140, 126, 7)).astype(F32)
+    edges = np.concatenate([at, np.nextafter(at, F32(np.inf)), np.nextafter(at, F32(0))])
+    powers = np.ldexp(F32(1), np.arange(-149, 128, 11)).astype(F32)
+    special = np.array([0.0, 1.4e-45, 1e-40, 2.0**-127 * element_max, 2.6331075e-36, 3.5264833e-38,
+                        3e38, np.finfo(F32).max, 1.0, 0.75, 1.9999999], F32)
+    return np.concatenate([edges, powers, special]).astype(F32)
+
+
+def e8m0_edge_blocks(element_max: float) -> np.ndarray:
+    """One 32-element block per `e8m0_edge_amaxes` value: the amax (negative) and elements
+    amax * +-2**-j (j = 1..31, alternating sign), which reach the element type's subnormals,
+    where a scale one power of two off changes the rounding."""
+    amaxes = e8m0_edge_amaxes(element_max).astype(np.float64)
+    j = np.arange(32)
+    spread = np.where(j % 2, -1.0, 1.0) * np.ldexp(1.0, -j)
+    x = (amaxes[:, None] * spread[None, :]).astype(F32)
+    x[:, 0] = -amaxes.astype(F32)
+    return x
+
 
 
 def reference_scales(
@@ -129,7 +174,7 @@ def reference_scales(
         scale = (block_scale.astype(F32) * gs).astype(F32)
         return RefScales(scale, block_scale, np.asarray(gs, F32))
     if fmt.scale == "e8m0":
-        return RefScales(e8m0_scale(block_amax, fmt.emax))
+        return RefScales(e8m0_scale(block_amax, fmt))
     raise AssertionError(fmt.scale)
 
 

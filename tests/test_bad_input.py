@@ -60,7 +60,7 @@ def test_unknown_recipe_and_format_list_the_valid_names():
     before = snapshot(model)
     with pytest.raises(ValueError, match=f"valid recipes: {', '.join(qc.RECIPES)}, or build"):
         qc.prepare(model, "nvfp8", (_x(),))
-    with pytest.raises(ValueError, match="valid formats: fp8, int4, int8, mxfp4, mxfp8, nvfp4"):
+    with pytest.raises(ValueError, match="valid formats: fp8, int4, int8, mxfp4, mxfp4_ocp, mxfp8, mxfp8_ocp, nvfp4"):
         qc.prepare(model, qc.Recipe(linear=qc.SiteSpecs(weight=qc.QuantSpec("fp16"))), (_x(),))
     with pytest.raises(TypeError, match="a name such as 'int8' or a qcompile.Recipe"):
         qc.prepare(model, {"weights": "int8"}, (_x(),))
@@ -99,9 +99,12 @@ def test_patterns_that_match_no_site_warn_with_the_site_names():
 def test_matching_patterns_do_not_warn():
     fp8 = qc.SiteSpecs(input=qc.QuantSpec("fp8", dynamic=True))
     recipe = qc.get_recipe("int8").with_(exclude=["fc2"], overrides={"fc1": fp8})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         qc.prepare(_mlp(), recipe, (_x(),))
+    # (all weights stay float here, which the float-weight warning says; no pattern warning)
+    assert [str(w.message) for w in caught if "matches no site" in str(w.message)] == []
+    assert any("100.0% of the matmul weight elements stay float" in str(w.message) for w in caught)
 
 
 def test_a_recipe_that_quantizes_nothing_warns_and_calibrate_says_why():
@@ -382,3 +385,24 @@ def test_non_tensor_outputs_keep_their_structure():
     torch.testing.assert_close(out["y"], expected["y"], atol=0.1, rtol=0.1)
     out["nested"]["pair"][0].backward()
     assert x.grad is not None and prepared.get_parameter("fc.weight").grad is not None
+
+
+class Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(DIM, DIM)
+        self.classifier = nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.fc1(x)))
+
+
+def test_excluding_much_of_the_weights_warns_naming_them_but_output_heads_do_not():
+    with pytest.warns(qc.PrepareWarning, match=r"50.0% of the matmul weight elements stay float "
+                      r"\(1 weights; matmul weights quantized: 50.0% .*fc2 \(16,384\): excluded"):
+        qc.prepare(_mlp(), qc.get_recipe("int8").with_(exclude=["fc2"]), (_x(),))
+    model = Classifier().eval()  # its head is float by default: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared = qc.prepare(model, "int8", (_x(),))
+    assert qc.report(prepared).coverage.fraction == 0.5

@@ -39,8 +39,8 @@ SIZES = [8, 16, 24, 32, 48, 64, 100, 128, 160, 256]  # odd ones: 8, 24, 48, 100,
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 #: Largest max|quantized - float| / max|float| of the model output, per recipe; outlier data
 #: stretches per-tensor ranges, so those cases only need to be finite.
-CLOSE = {"int8": 0.1, "fp8": 0.15, "mxfp8": 0.15, "nvfp4": 0.5, "mxfp4": 0.6, "int4": 0.5,
-         "w4a8": 0.5}
+CLOSE = {"int8": 0.1, "fp8": 0.15, "mxfp8": 0.15, "mxfp8_ocp": 0.15, "nvfp4": 0.5, "mxfp4": 0.6,
+         "mxfp4_ocp": 0.6, "int4": 0.5, "w4a8": 0.5}
 
 
 class MLP(nn.Module):

@@ -8,12 +8,15 @@ from qcompile.recipe import RECIPES, Recipe, SiteSpecs, get_recipe, recipe_from_
 
 
 def test_named_recipes():
-    assert list(RECIPES) == ["int8", "fp8", "nvfp4", "mxfp4", "mxfp8", "int4", "w4a8"]
+    assert list(RECIPES) == ["int8", "fp8", "nvfp4", "mxfp4", "mxfp8", "mxfp4_ocp", "mxfp8_ocp",
+                             "int4", "w4a8"]
     int8 = get_recipe("INT8")
     assert int8.linear.weight == QuantSpec("int8", axis=0, dynamic=True)
     assert not int8.linear.input.dynamic and int8.quantize_matmul
     assert get_recipe("nvfp4").linear.input.format == "nvfp4" and not get_recipe("nvfp4").linear.input.dynamic
     assert get_recipe("mxfp4").linear.input.dynamic  # MX scales are always dynamic
+    ocp = get_recipe("mxfp8_ocp").linear
+    assert ocp.weight.format == ocp.input.format == "mxfp8_ocp"
     assert get_recipe("int4").linear.input is None and get_recipe("int4").linear.weight.format == "int4"
     assert get_recipe("w4a8").linear.input.format == "fp8"
     assert [n for n, r in RECIPES.items() if r.quantize_matmul] == ["int8", "fp8"]

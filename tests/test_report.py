@@ -89,3 +89,27 @@ def test_without_sites_one_row_per_quantizer_with_guessed_role():
         ("fc.input_quantizer", "nvfp4", "-", "input=uncalibrated"),
         ("fc.weight_quantizer", "-", "mxfp4", "weight=dynamic"),
     ]
+
+
+def test_weight_coverage_counts_elements_once_per_weight_and_expert():
+    spec = {"weight": QuantSpec("int8", axis=0, dynamic=True)}
+    sites = [
+        Site("q", SiteKind.LINEAR, "l0", specs=spec, weight="q.weight", weight_size=600),
+        Site("e.0.up", SiteKind.LINEAR, "l1", specs=spec, weight="e.up", expert=0, weight_size=100),
+        Site("e.1.up", SiteKind.LINEAR, "l2", SiteStatus.UNSUPPORTED, "K=7 is not a multiple",
+             weight="e.up", expert=1, weight_size=100),
+        Site("m", SiteKind.MATMUL, "mm", specs={"input": QuantSpec("int8")}),
+        Site("lm_head", SiteKind.LINEAR, "l3", SiteStatus.EXCLUDED, "output head",
+             weight="emb.weight", weight_size=200),
+        Site("tied", SiteKind.LINEAR, "l4", SiteStatus.EXCLUDED, "excluded",
+             weight="emb.weight", weight_size=200),  # the same weight: counted once
+    ]
+    model = Prepared()
+    model.qcompile_sites = sites
+    coverage = report(model).coverage
+    assert (coverage.quantized, coverage.total) == (700, 1000)
+    assert coverage.fraction == 0.7
+    assert coverage.floating == (("e.1.up", 100, "K=7 is not a multiple"),
+                                 ("lm_head", 200, "output head"))
+    assert "; matmul weights quantized: 70.0% (700 of 1,000 elements)" in str(
+        report(model)).splitlines()[-1]

@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,12 @@ from torch import nn
 
 from qcompile.backends.onnx import passes as onnx_passes
 from qcompile.backends.onnx import weights as onnx_weights
+from qcompile.backends.onnx.rules import onnxruntime_findings, onnxruntime_version
 from qcompile.backends.onnx.translations import (
     EXPORTER_MIN_OPSET,
     TARGETS,
     check_supported,
+    preferred_opset,
     required_opset,
     translation_table,
 )
@@ -41,6 +44,11 @@ from qcompile.core.quantizer import Quantizer
 
 class OnnxExportError(RuntimeError):
     """Export failed; the message names the graph node and op where it did."""
+
+
+class OnnxRuntimeWarning(UserWarning):
+    """The exported graph holds a pattern onnxruntime's default session computes differently
+    (`rules.ORT_RULES`); `ort.onnxruntime_session` computes the graph's numbers."""
 
 
 def _quantizers(model: nn.Module) -> dict[str, Quantizer]:
@@ -54,15 +62,19 @@ def _quantizers(model: nn.Module) -> dict[str, Quantizer]:
 
 
 def choose_opset(quantizers: dict[str, Quantizer], requested: int | None) -> int:
-    """The lowest opset all quantizers need, or `requested` if it is high enough."""
+    """`requested` if all quantizers can be expressed in it, else an error; unset, the
+    lowest opset whose Q/DQ form every quantizer prefers (`preferred_opset`)."""
     needed, reason, culprit = EXPORTER_MIN_OPSET, "", ""
+    preferred = EXPORTER_MIN_OPSET
     for name, quantizer in quantizers.items():
         fmt = get_format(quantizer.spec.format)
-        opset, why = required_opset(fmt, fmt.resolve_block_size(quantizer.spec.block_size))
+        block_size = fmt.resolve_block_size(quantizer.spec.block_size)
+        opset, why = required_opset(fmt, block_size)
         if opset > needed:
             needed, reason, culprit = opset, why, f"{name} ({fmt.name})"
+        preferred = max(preferred, preferred_opset(fmt, block_size))
     if requested is None:
-        return needed
+        return preferred
     if requested < needed:
         raise ValueError(
             f"opset={requested} is too low: {culprit} needs opset {needed} ({reason}); "
@@ -177,7 +189,9 @@ def export_onnx(
         target: "tensorrt" (what TensorRT's explicit-quantization path builds: static Q/DQ,
             TensorRT's dynamic-quantize ops for NVFP4/MXFP8) or "onnx" (standard ops only,
             dynamic scales computed in the graph; runs in onnx.reference).
-        opset: default the lowest opset the formats need; a lower one is refused.
+        opset: default the lowest opset the formats need (FP8: 21, where its
+            QuantizeLinear has no zero point, see `translations.preferred_opset`); one lower
+            than they can be expressed in is refused.
         dynamic_batch: make axis 0 of every tensor input a dynamic `batch` dimension.
         dynamic_sequence: also make axis 1 of every input of rank >= 2 a dynamic `sequence`
             dimension (text models: token ids and attention masks).
@@ -185,6 +199,10 @@ def export_onnx(
 
     Weight quantizers (those fed a parameter) are quantized once in torch and stored as
     INT8 / INT4 / FLOAT8E4M3FN / FLOAT4E2M1 initializers feeding DequantizeLinear.
+
+    Warns (`OnnxRuntimeWarning`) where onnxruntime's default session would compute other
+    numbers than the file (blocked INT4 weights: int8 activations); `onnxruntime_session`
+    builds one that does not.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -206,9 +224,20 @@ def export_onnx(
         with onnx_weights.weights_quantized(model, weights, e8m0_scales=target == "tensorrt"):
             onnx_model = _run_exporter(model, args, kwargs, opset, target, dynamic_shapes)
     onnx_passes.store_quantized_weights(onnx_model)
-    onnxscript.optimizer.optimize(onnx_model)
+    onnxscript.optimizer.optimize_ir(onnx_model, should_fold=_should_fold)
     onnx_passes.fold_weight_transposes(onnx_model)
     RemoveUnusedNodesPass()(onnx_model)
     path = Path(path)
     ir.save(onnx_model, path)
+    for finding in onnxruntime_findings(onnx_model):
+        warnings.warn(f"{path}: onnxruntime ({onnxruntime_version()}) computes other numbers "
+                      f"than this graph in its default session: {finding}", OnnxRuntimeWarning,
+                      stacklevel=2)
     return path
+
+
+def _should_fold(node: ir.Node) -> bool | None:
+    """onnxscript's constant folder evaluates nodes with onnx.reference, whose GatherElements
+    fails on more than 64 choices (BERT's buffered token-type ids, gathered by position):
+    the folder logs 'Evaluation failed' and keeps the node. Leave such nodes to the runtime."""
+    return False if (node.domain, node.op_type) == ("", "GatherElements") else None

@@ -9,7 +9,8 @@ This module owns two rewrites of the exported `ir.Model`, both local and shape-p
 - `fold_weight_transposes`: `DQ(weight) -> Transpose -> MatMul`, as torch.onnx writes a
   `Linear` with a >2-d input, becomes `DQ(transposed weight) -> MatMul`, with the DQ axis
   (per channel or per block) and block scales permuted to match: TensorRT then sees the
-  weight in the [K, N] layout of the MatMul, per-channel scales on N and blocks along K.
+  weight in the [K, N] layout of the MatMul, per-channel scales on N and blocks along K;
+  the DQ records the permutation in its metadata (`FOLDED_PERM_KEY`).
 
 It knows nothing of torch or of how the graph was produced.
 """
@@ -20,6 +21,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.backends.onnx.trt_ops import DEQUANTIZE_OPS
+
+#: Metadata a folded weight DQ carries: the permutation from the weight's torch layout to its
+#: output's ("1,0"), so a check can compare it with the torch weight.
+FOLDED_PERM_KEY = "qcompile.folded_perm"
 
 
 def _is_dequantize(node: ir.Node) -> bool:
@@ -112,8 +117,10 @@ def fold_weight_transposes(model: ir.Model) -> int:
             continue
         if len(dq.outputs[0].uses()) != 1:
             continue
-        if not _permute_dequantize(dq, list(node.attributes["perm"].as_ints())):
+        perm = list(node.attributes["perm"].as_ints())
+        if not _permute_dequantize(dq, perm):
             continue
+        dq.metadata_props[FOLDED_PERM_KEY] = ",".join(map(str, perm))
         node.outputs[0].replace_all_uses_with(dq.outputs[0])
         graph.remove(node, safe=True)
         count += 1

@@ -1,14 +1,19 @@
-"""`qcompile inspect model.onnx`: what a Q/DQ graph holds, and what TensorRT would not fuse.
+"""`qcompile inspect model.onnx`: what a Q/DQ graph holds, what TensorRT would not fuse, and
+where onnxruntime's default session would compute other numbers.
 
 This module owns the reading of an exported (or any) ONNX file: counts of quantize and
 dequantize ops by element type, the opset, the bytes of quantized weights against their
-float32 equivalent, and one warning per pattern that TensorRT's explicit-quantization
-optimizer would not fuse into a low-precision kernel (the rules in `RULES`). It knows nothing
+float32 equivalent, one warning per pattern that TensorRT's explicit-quantization optimizer
+would not fuse into a low-precision kernel (the rules in `RULES`), and one finding per pattern
+that onnxruntime's default graph optimizations rewrite into something that computes other
+numbers than the graph's ONNX semantics (`ORT_RULES`, measured on onnxruntime 1.32, CPU;
+`backends.onnx.ort.onnxruntime_session` builds a session that avoids them). It knows nothing
 of torch or of how the file was produced.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +34,35 @@ RULES = {
     "dq-to-float-op": "DequantizeLinear feeding an op that stays in float",
     "fp4-opset": "FLOAT4E2M1 tensors in a model below opset 23",
 }
+#: onnxruntime 1.32 (CPU) default-session rewrites that change the numbers of a Q/DQ graph.
+ORT_RULES = {
+    "relu-dropped": (
+        "Relu feeding a QuantizeLinear with an FP8 (or INT4/UINT4 not at its minimum) zero "
+        "point: onnxruntime's rule ReluQuantRewrite removes the Relu although that Q does not "
+        "clamp negatives (an onnxruntime bug); export at opset >= 21 (no zero point) or run it "
+        "in qc.onnxruntime_session (disabled_optimizers=['ReluQuantRewrite'])"
+    ),
+    "propagated-q-uint8": (
+        "DequantizeLinear without a zero point after a QuantizeLinear with one, feeding a "
+        "Transpose: onnxruntime's QDQPropagationTransformer copies the DQ's inputs into a new Q "
+        "after the Transpose, which without a zero point is UINT8 and clamps negatives to 0 (an "
+        "onnxruntime bug); give the DQ the Q's zero point, or export at opset >= 21"
+    ),
+    "matmulnbits-int8-activations": (
+        "blocked INT4/INT8 weight DequantizeLinear into a MatMul/Gemm: onnxruntime fuses it into "
+        "com.microsoft::MatMulNBits with accuracy_level 4 (session config "
+        "'session.qdq_matmulnbits_accuracy_level', default '4'), which quantizes the "
+        "activations to int8 per block (~0.3% off); run it in qc.onnxruntime_session "
+        "(accuracy level 1: float activations, same fused kernel)"
+    ),
+}
+#: Checked against this onnxruntime version; later versions may differ.
+ORT_CHECKED_VERSION = "1.32.0"
+_FLOAT8_TYPES = frozenset({ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ,
+                           ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E5M2FNUZ})
+_CLAMPING_ZERO_POINTS = {ir.DataType.INT4: -8, ir.DataType.UINT4: 0}
+_MATMULNBITS_TYPES = frozenset({ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8,
+                                ir.DataType.UINT8})
 #: Ops that move data without arithmetic; TensorRT propagates Q/DQ through them.
 _LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
 _QUANTIZABLE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
@@ -53,6 +87,8 @@ class InspectReport:
     weight_bytes: int = 0
     weight_float_bytes: int = 0
     warnings: list[Finding] = field(default_factory=list)
+    #: patterns onnxruntime's default session computes differently (`ORT_RULES`)
+    onnxruntime: list[Finding] = field(default_factory=list)
 
     @property
     def opset(self) -> int:
@@ -69,7 +105,20 @@ class InspectReport:
                          f"({ratio:.3f} of {self.weight_float_bytes:,} bytes in float32)")
         lines.append(f"{len(self.warnings)} warning(s)" + (":" if self.warnings else ""))
         lines.extend(f"  {w}" for w in self.warnings)
+        if self.onnxruntime:
+            lines.append(f"onnxruntime ({onnxruntime_version()}): its default session computes "
+                         f"other numbers than this graph in {len(self.onnxruntime)} pattern(s):")
+            lines.extend(f"  {finding}" for finding in self.onnxruntime)
         return "\n".join(lines)
+
+
+def onnxruntime_version() -> str:
+    """'installed X, rules checked on Y' for messages about onnxruntime."""
+    try:
+        installed = importlib.metadata.version("onnxruntime")
+    except importlib.metadata.PackageNotFoundError:
+        installed = "not installed"
+    return f"installed {installed}, rules checked on {ORT_CHECKED_VERSION}"
 
 
 def _producer_through_layout(value: ir.Value) -> ir.Node | None:
@@ -230,7 +279,75 @@ def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> InspectReport:
             _check_matmul(node, findings)
     if report.opset < 23 and _uses_fp4(model):
         findings.append(Finding("fp4-opset", "model", f"FLOAT4E2M1 needs opset 23, model has {report.opset}"))
+    report.onnxruntime = onnxruntime_findings(model)
     return report
+
+
+def _drops_relu(q: ir.Node) -> bool:
+    """A Relu feeds `q` only, and `q` has a constant scalar zero point that does not clamp at 0
+    (ReluQuantFusion checks INT8/UINT8/INT16 zero points only, and removes the Relu)."""
+    relu = q.inputs[0].producer() if q.inputs and q.inputs[0] is not None else None
+    if relu is None or (relu.domain, relu.op_type) != ("", "Relu") or len(q.inputs) < 3:
+        return False
+    zero_point = _constant(q.inputs[2])
+    dtype = q.inputs[2].dtype if q.inputs[2] is not None else None
+    if zero_point is None or zero_point.size != 1 or len(relu.outputs[0].uses()) != 1:
+        return False
+    if dtype in _FLOAT8_TYPES:
+        return True
+    return dtype in _CLAMPING_ZERO_POINTS and int(zero_point.reshape(())) != _CLAMPING_ZERO_POINTS[dtype]
+
+
+def _loses_zero_point(dq: ir.Node) -> bool:
+    """A DQ with no zero point, fed by a Q with one, whose output a Transpose reads."""
+    q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
+    if q is None or (q.domain, q.op_type) != ("", "QuantizeLinear") or len(q.inputs) < 3:
+        return False
+    if len(dq.inputs) > 2 and dq.inputs[2] is not None:
+        return False
+    return any((u.node.domain, u.node.op_type) == ("", "Transpose") for u in dq.outputs[0].uses())
+
+
+def _fuses_into_matmulnbits(dq: ir.Node) -> bool:
+    """onnxruntime's DQ -> MatMul selector: a constant 2-d [K, N] INT4/INT8 weight in blocks
+    (power of two >= 16) along K, feeding only input B of a MatMul or of a Gemm without transB
+    whose input A is not dequantized (w4a8's fp8 A leaves the MatMul unfused)."""
+    data = dq.inputs[0]
+    block_size = _attr(dq, "block_size", 0)
+    if data is None or data.const_value is None or data.dtype not in _MATMULNBITS_TYPES:
+        return False
+    if len(data.shape) != 2 or block_size < 16 or block_size & (block_size - 1):
+        return False
+    if _attr(dq, "axis", 1) % 2 != 0 or not _is_constant(dq.inputs[1]):
+        return False
+    uses = dq.outputs[0].uses()
+    if len(uses) != 1 or uses[0].idx != 1:
+        return False
+    consumer = uses[0].node
+    if consumer.domain != "" or consumer.op_type not in ("MatMul", "Gemm"):
+        return False
+    if _is_dq(consumer.inputs[0].producer()):
+        return False
+    return consumer.op_type == "MatMul" or _attr(consumer, "transB", 0) == 0
+
+
+def onnxruntime_findings(model: ir.Model) -> list[Finding]:
+    """One finding per `ORT_RULES` pattern present in `model`, naming its nodes."""
+    matches: dict[str, list[str]] = {rule: [] for rule in ORT_RULES}
+    for node in model.graph:
+        if (node.domain, node.op_type) == ("", "QuantizeLinear") and _drops_relu(node):
+            matches["relu-dropped"].append(node.name)
+        if (node.domain, node.op_type) == ("", "DequantizeLinear"):
+            if _loses_zero_point(node):
+                matches["propagated-q-uint8"].append(node.name)
+            if _fuses_into_matmulnbits(node):
+                matches["matmulnbits-int8-activations"].append(node.name)
+    findings = []
+    for rule, nodes in matches.items():
+        if nodes:
+            where = nodes[0] + (f" and {len(nodes) - 1} more" if len(nodes) > 1 else "")
+            findings.append(Finding(rule, where, ORT_RULES[rule]))
+    return findings
 
 
 def _count_weight(dq: ir.Node, report: InspectReport) -> None:

@@ -39,6 +39,7 @@ from qcompile.core.formats import (
     ElementType,
     QuantFormat,
     ScaleKind,
+    ScaleRule,
     get_format,
 )
 
@@ -66,6 +67,15 @@ def required_opset(fmt: QuantFormat, block_size: int | None) -> tuple[int, str]:
     return EXPORTER_MIN_OPSET, f"torch.onnx's dynamo exporter writes opset >= {EXPORTER_MIN_OPSET}"
 
 
+def preferred_opset(fmt: QuantFormat, block_size: int | None) -> int:
+    """The opset export picks for `fmt` when none is asked for: `required_opset`, raised to 21
+    for FP8, whose QuantizeLinear then has no zero point (`output_dtype` instead): onnxruntime
+    (<= 1.32 at least) drops a Relu in front of an FP8 QuantizeLinear that has a zero point
+    (rule `ReluQuantRewrite`, `backends.onnx.rules.ORT_RULES["relu-dropped"]`)."""
+    needed, _ = required_opset(fmt, block_size)
+    return max(needed, 21) if fmt.element is E4M3 else needed
+
+
 def check_supported(fmt: QuantFormat, dynamic: bool, weight: bool, target: str) -> None:
     """Refuse, with what to do instead, the quantizations `target` cannot express."""
     if target == "onnx":
@@ -75,6 +85,11 @@ def check_supported(fmt: QuantFormat, dynamic: bool, weight: bool, target: str) 
         raise ValueError(f"TensorRT has no MXFP4 ops; export {what} with target='onnx' or use nvfp4")
     if weight:
         return
+    if fmt.scale_rule is ScaleRule.OCP:
+        raise ValueError(
+            f"TensorRT's TRT_MXFP8DynamicQuantize computes its block scales by the ceil rule, not "
+            f"the OCP rule of {what}; use mxfp8 (ceil) or export with target='onnx'"
+        )
     if fmt.element is INT4:
         raise ValueError(f"TensorRT quantizes INT4 weights only (W4A16); {what} need target='onnx'")
     if fmt.scale is ScaleKind.FP32 and dynamic:
@@ -140,10 +155,13 @@ class _Builder:
         blocks = {"block_size": block_size} if block_size else {}
         if self.opset >= 21:
             q = self.op.QuantizeLinear(x, q_scale, axis=axis, output_dtype=storage, **blocks)
-        else:
-            zero = self.op.Cast(self.op.Mul(q_scale, self.const(0.0)), to=storage)
-            q = self.op.QuantizeLinear(x, q_scale, zero, axis=axis)
-        return self.op.DequantizeLinear(q, dq_scale, axis=axis, **blocks)
+            return self.op.DequantizeLinear(q, dq_scale, axis=axis, **blocks)
+        # Below opset 21 the zero point gives the Q its type; the DQ gets it too: onnxruntime's
+        # QDQPropagationTransformer copies a DQ's inputs into a new Q across a Transpose, and
+        # without a zero point that Q would be UINT8 (clamping negatives to 0).
+        zero = self.op.Cast(self.op.Mul(q_scale, self.const(0.0)), to=storage)
+        q = self.op.QuantizeLinear(x, q_scale, zero, axis=axis)
+        return self.op.DequantizeLinear(q, dq_scale, zero, axis=axis)
 
     def guarded(self, scale: ir.Value) -> ir.Value:
         """The divisor of `numerics.quantize`: the scale where positive, else 1."""
@@ -210,7 +228,7 @@ class _Builder:
         return self.qdq(x, self.guarded(scale), scale, fmt.element, last, block_size)
 
     def _e8m0(self, x, fmt, block_size):
-        op, last = self.op, len(x.shape) - 1
+        last = len(x.shape) - 1
         if self.target == "tensorrt":  # MXFP8 (check_supported refused MXFP4)
             data, scale = trt.MXFP8_DYNAMIC_QUANTIZE(
                 x, axis=-1, block_size=block_size, output_dtype=ir.DataType.FLOAT8E4M3FN, _outputs=2
@@ -219,11 +237,21 @@ class _Builder:
             return trt.MXFP8_DEQUANTIZE_LINEAR(
                 data, scale, axis=-1, block_size=block_size, output_dtype=ir.DataType.FLOAT
             )
-        exponent = op.Sub(self.floor_log2(self.block_amax(x, block_size)),
-                          self.const(float(fmt.element.max_exponent)))
-        exponent = op.Clip(exponent, self.const(-127.0), self.const(127.0))
-        scale = op.Pow(self.const(2.0), exponent)
+        scale = self.e8m0_scale(self.block_amax(x, block_size), fmt)
         return self.qdq(x, scale, scale, fmt.element, last, block_size)
+
+    def e8m0_scale(self, amax: ir.Value, fmt: QuantFormat) -> ir.Value:
+        """`2 ** numerics.e8m0_exponent(amax)`, step by step in standard ops."""
+        op = self.op
+        low, high = self.const(-127.0), self.const(127.0)
+        if fmt.scale_rule is ScaleRule.OCP:
+            exponent = op.Sub(self.floor_log2(amax), self.const(float(fmt.element.max_exponent)))
+        else:  # CEIL: floor(log2(q)) + 1 where q = amax / max is not a power of two
+            q = op.Div(amax, self.const(fmt.element.max_value))
+            exponent = op.Clip(self.floor_log2(q), low, high)
+            inexact = op.Greater(q, op.Pow(self.const(2.0), exponent))
+            exponent = op.Add(exponent, op.Cast(inexact, to=ir.DataType.FLOAT))
+        return op.Pow(self.const(2.0), op.Clip(exponent, low, high))
 
     # -- weights ------------------------------------------------------------------------------
 

@@ -74,7 +74,8 @@ def find_weight_quantizers(
     it receives *is* (by identity) a parameter or buffer, as for `self.weight_quantizer(
     self.linear.weight)` or a `call_module` node fed by a `get_attr` node, or is a view of the
     whole of one, as for the `weight.t()` in front of the weight quantizer of a Hugging Face
-    `Conv1D` (a view of part of one, such as a slice whose length follows the input, is not
+    `Conv1D`, or one whole expert `W[e]` of a 3-D MoE expert weight (possibly transposed); a
+    view of another part of one, such as a slice whose length follows the input, is not
     constant and stays an activation). Returns {quantizer path: the tensor it receives}.
     """
     constants = {id(t) for t in (*model.parameters(), *model.buffers())}
@@ -83,7 +84,9 @@ def find_weight_quantizers(
         if id(tensor) in constants:
             return True
         base = tensor._base
-        return base is not None and id(base) in constants and tensor.numel() == base.numel()
+        if base is None or id(base) not in constants:
+            return False
+        return tensor.numel() == base.numel() or _is_expert_slice(tensor, base)
 
     found: dict[str, torch.Tensor] = {}
     handles = []
@@ -102,6 +105,17 @@ def find_weight_quantizers(
         for handle in handles:
             handle.remove()
     return found
+
+
+def _is_expert_slice(tensor: torch.Tensor, base: torch.Tensor) -> bool:
+    """`tensor` is `base[e]` (or its transpose) for one e: a whole expert of a 3-D weight."""
+    if base.ndim != 3 or tensor.ndim != 2 or tensor.numel() != base[0].numel():
+        return False
+    offset = tensor.storage_offset() - base.storage_offset()
+    if offset % base.stride(0) or not 0 <= offset // base.stride(0) < base.shape[0]:
+        return False
+    inner = list(zip(base.shape[1:], base.stride()[1:]))
+    return sorted(zip(tensor.shape, tensor.stride())) == sorted(inner)
 
 
 @contextlib.contextmanager

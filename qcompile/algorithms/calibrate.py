@@ -13,9 +13,11 @@ q/k/v, gate/up), their per-tensor ranges are tied here: one amax, the max over t
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from qcompile.algorithms.data import (
@@ -35,7 +37,7 @@ from qcompile.algorithms.observers import (
     get_observer_class,
 )
 from qcompile.core.quantizer import Granularity, Quantizer
-from qcompile.passes.sites import SiteKind, model_sites, site_quantizers
+from qcompile.passes.sites import SiteKind, SiteQuantizer, model_sites, site_quantizers
 from qcompile.recipe import fused_group
 
 
@@ -89,6 +91,10 @@ def calibrate(
     exactly for max, percentile and entropy (the max, and histograms that merge exactly), and
     for mse the max over ranks with each candidate's error summed over the ranks' samples.
     If calibration fails on one rank, every rank raises.
+
+    MoE experts (sites with an `expert` index) are calibrated each on the tokens routed to
+    it. An expert that received none gets the max amax of its layer's other experts for
+    its activations (its weight scales come from its own weights) and a `CalibrationWarning`.
     """
     observer_class = get_observer_class(method)
     options = {}
@@ -140,18 +146,53 @@ def calibrate(
     with merged_across_ranks(labelled), eval_mode(model), _attached(observers):
         run_data(model, data, num_batches, progress and is_main_process())
 
-    unobserved = [name for name, q in targets if observers[q].num_batches == 0]
+    amaxes = {q: obs.compute_amax() for q, obs in observers.items() if obs.num_batches}
+    if amaxes:
+        amaxes.update(_idle_expert_defaults(entries, observers, amaxes))
+    unobserved = [name for name, q in targets if q not in amaxes]
     check_data_reached(
         unobserved, len(targets),
         empty="calibration data is empty: no batch reached the quantizers",
         partial="quantizers saw no calibration data and stay uncalibrated: {names}; make sure "
                 "the data exercises these sites",
     )
-    amaxes = {q: obs.compute_amax() for q, obs in observers.items() if obs.num_batches}
     for quantizer, amax in amaxes.items():
         quantizer.set_amax(amax)
     tie_fused_ranges(model)
     return model
+
+
+def _idle_expert_defaults(
+    entries: list[SiteQuantizer], observers: dict[Quantizer, AmaxObserver],
+    amaxes: dict[Quantizer, torch.Tensor],
+) -> dict[Quantizer, torch.Tensor]:
+    """A static amax for each quantizer of a MoE expert that received no calibration tokens:
+    the max over the same quantizer (weight and role) of the layer's other experts, with a
+    `CalibrationWarning` naming the experts. Weights keep their own (weight-derived) scales."""
+    groups: dict[tuple, list[SiteQuantizer]] = defaultdict(list)
+    for entry in entries:
+        if entry.site is not None and entry.site.expert is not None and entry.quantizer in observers:
+            groups[entry.site.weight, entry.role].append(entry)
+    defaults, idle = {}, []
+    for members in groups.values():
+        seen = [amaxes[m.quantizer] for m in members if m.quantizer in amaxes]
+        shapes = {tuple(a.shape) for a in seen}
+        if not seen or len(shapes) != 1:
+            continue
+        fallback = torch.stack(seen).amax(dim=0)
+        for member in members:
+            if member.quantizer not in amaxes:
+                defaults[member.quantizer] = fallback
+                idle.append(member.label)
+    if idle:
+        warnings.warn(
+            f"{len(idle)} MoE expert quantizers received no calibration tokens: "
+            f"{', '.join(idle)}; each takes the max amax of its layer's other experts. Calibrate "
+            "on more (or more varied) data so that every expert is routed tokens.",
+            CalibrationWarning,
+            stacklevel=3,
+        )
+    return defaults
 
 
 def tie_fused_ranges(model: nn.Module) -> list[list[str]]:

@@ -35,7 +35,7 @@ from qcompile.algorithms.data import (
 )
 from qcompile.algorithms.rounding import ColumnRounder, UnsupportedWeight
 from qcompile.core.quantizer import Quantizer
-from qcompile.passes.sites import Site, SiteKind, SiteStatus, model_sites
+from qcompile.passes.sites import Site, SiteKind, SiteStatus, model_sites, prepared_graphs
 
 #: Columns processed together (a multiple of every block size up to it).
 COLUMNS_PER_STEP = 128
@@ -107,6 +107,7 @@ class _Target:
     node_name: str
     weight_name: str
     quantizer: Quantizer
+    graph: str = ""  # the path of the prepared graph holding the node ("" for the model)
     hessian: torch.Tensor | None = None
     rows: int = 0
 
@@ -127,11 +128,25 @@ class _HessianRecorder(nn.Module):
         return x
 
 
-def _targets(model: fx.GraphModule) -> list[_Target]:
-    """The Linear sites whose weight is quantized."""
-    sites: list[Site] | None = model_sites(model)
-    if sites is None:
+def _targets(model: nn.Module) -> list[_Target]:
+    """The Linear sites whose weight is quantized, in every prepared graph of `model` (the
+    model itself, or each block of a block-wise prepared model)."""
+    graphs = prepared_graphs(model)
+    if not graphs:
         raise ValueError("gptq needs a model prepared by qcompile.prepare (it reads its sites)")
+    targets = []
+    for prefix, gm in graphs:
+        for target in _graph_targets(gm):
+            target.graph = prefix
+            if prefix:
+                target.site = f"{prefix}.{target.site}"
+                target.weight_name = f"{prefix}.{target.weight_name}"
+            targets.append(target)
+    return targets
+
+
+def _graph_targets(model: fx.GraphModule) -> list[_Target]:
+    sites: list[Site] = model_sites(model)
     nodes = {node.name: node for node in model.graph.nodes}
     targets = []
     for site in sites:
@@ -151,20 +166,24 @@ def _targets(model: fx.GraphModule) -> list[_Target]:
 
 
 def _record_hessians(
-    model: fx.GraphModule, targets: list[_Target], data: CalibrationData,
+    model: nn.Module, targets: list[_Target], data: CalibrationData,
     num_batches: int | None, progress: bool,
 ) -> None:
     """Run `data` through a copy of `model` with a recorder in front of each site's input."""
     probe = copy.deepcopy(model)
-    nodes = {node.name: node for node in probe.graph.nodes}
+    graphs = dict(prepared_graphs(probe))
+    changed = set()
     for index, target in enumerate(targets):
-        node = nodes[target.node_name]
+        gm = graphs[target.graph]
+        node = next(n for n in gm.graph.nodes if n.name == target.node_name)
         name = f"_qcompile_gptq_recorder_{index}"
-        probe.add_submodule(name, _HessianRecorder(target))
-        with probe.graph.inserting_before(node):
-            recorder = probe.graph.call_module(name, (node.args[0],))
+        gm.add_submodule(name, _HessianRecorder(target))
+        with gm.graph.inserting_before(node):
+            recorder = gm.graph.call_module(name, (node.args[0],))
         node.update_arg(0, recorder)
-    probe.recompile()
+        changed.add(target.graph)
+    for path in changed:
+        graphs[path].recompile()
     with eval_mode(probe):
         run_data(probe, data, num_batches, progress)
 
@@ -213,8 +232,6 @@ def gptq(
     """
     if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp > 0:
         raise ValueError(f"damp must be a positive number, got {damp!r}")
-    if not isinstance(model, fx.GraphModule):
-        raise ValueError("gptq needs a model prepared by qcompile.prepare (it reads its sites)")
     targets = _targets(model)
     if not targets:
         raise ValueError(

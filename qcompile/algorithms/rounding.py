@@ -9,7 +9,7 @@ qcompile stores a latent float weight that rounds to the GPTQ values, which the 
 quantizer fake-quantizes again on every forward, with dynamic scales derived from that weight.
 For that second quantization to reproduce the rounded values, every dynamic scale must come
 out the same: the element that sets a scale's amax keeps the value it rounds to when the scale
-is fixed, and no other element of the scale's span may round past it (except E8M0 scales,
+is fixed, and no other element of the scale's span may round past it (except OCP E8M0 scales,
 which depend only on the exponent of the amax). For NVFP4 the tensor's largest element also
 keeps its value, which pins the global scale. A static (calibrated) amax fixes the scales by
 itself.
@@ -24,7 +24,7 @@ import torch
 
 from qcompile.core import numerics
 from qcompile.core.fake_quant import canonical_amax
-from qcompile.core.formats import ScaleKind, get_format
+from qcompile.core.formats import ScaleKind, ScaleRule, get_format
 from qcompile.core.quantizer import QuantSpec
 
 
@@ -61,6 +61,8 @@ class ColumnRounder:
         device = weight.device
         self.force_column = torch.full((rows,), -1, dtype=torch.long, device=device)
         self.force_value = torch.zeros(rows, device=device)
+        #: The latent value of each forced element (its rounded value unless noted).
+        self.force_latent: torch.Tensor | None = None
         #: |rounded values| and |latent values| may not exceed these (per row, this group).
         self.bound = torch.full((rows,), float("inf"), device=device)
         self.latent_bound = self.bound
@@ -135,8 +137,20 @@ class ColumnRounder:
         self.scale = numerics.compute_scales(amax_blocks, self._global_amax, self.fmt, 1).scale.reshape(rows)
         self.force_column = column + offsets
         self.force_value = self._round_values(reference, self.scale)
-        if self.fmt.scale is ScaleKind.E8M0:
-            # E8M0 scales depend on the amax's exponent only: any value keeps it below the
+        self.force_latent = None
+        if self.fmt.scale_rule is ScaleRule.CEIL:
+            # Ceil E8M0: any value up to max * scale keeps the scale. The forced element may
+            # round down to exactly half of that, which alone would requantize with half the
+            # scale: its latent value is then the next float up, in the same rounding bin.
+            # (The smallest scale, 2**-127, cannot fall.)
+            self.latent_bound = self.scale * self.element.max_value
+            half = self.latent_bound / 2
+            above = torch.nextafter(half, torch.full_like(half, float("inf")))
+            magnitude = self.force_value.abs()
+            keep = (magnitude > half) | (self.scale <= 2.0**-127)
+            self.force_latent = torch.copysign(torch.where(keep, magnitude, above), self.force_value)
+        elif self.fmt.scale is ScaleKind.E8M0:
+            # OCP E8M0 scales depend on the amax's exponent only: any value keeps it below the
             # next power of two (the forced element keeps it from falling).
             limit = self.scale * 2.0 ** (self.element.max_exponent + 1)
             self.latent_bound = torch.nextafter(limit, torch.zeros_like(limit))
@@ -152,13 +166,13 @@ class ColumnRounder:
         for column in range(0, weight.shape[1], self.block):
             self.start_group(column, weight[:, column : column + self.block])
             groups.append((self.scale, self.force_column, self.force_value, self.bound,
-                           self.latent_bound))
+                           self.latent_bound, self.force_latent))
         self._groups = groups
 
     def _select(self, column: int) -> None:
         if self._groups is not None:
             (self.scale, self.force_column, self.force_value, self.bound,
-             self.latent_bound) = self._groups[column // self.block]
+             self.latent_bound, self.force_latent) = self._groups[column // self.block]
 
     def round(self, column: int, w: torch.Tensor) -> torch.Tensor:
         """The quantized values of column `column` (current values `w`, one per row)."""
@@ -178,5 +192,8 @@ class ColumnRounder:
         """
         self._select(column)
         kept = torch.maximum(torch.minimum(original.float(), self.latent_bound), -self.latent_bound)
-        same = (self._round_values(kept, self.scale) == q) & (self.force_column != column)
+        forced = self.force_column == column
+        same = (self._round_values(kept, self.scale) == q) & ~forced
+        if self.force_latent is not None:
+            q = torch.where(forced, self.force_latent, q)
         return torch.where(same, kept, q)

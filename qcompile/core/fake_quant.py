@@ -126,7 +126,7 @@ def fake_quantize(
 
     Args:
         x: float32, bfloat16 or float16 tensor.
-        fmt: one of int8, int4, fp8, nvfp4, mxfp4, mxfp8 (or a `QuantFormat`).
+        fmt: one of int8, int4, fp8, nvfp4, mxfp4, mxfp8, mxfp4_ocp, mxfp8_ocp (or a `QuantFormat`).
         amax: the clipping range. None: dynamic, from x itself (per tensor, per channel with
             `axis`, or per block). A tensor: static (calibrated); it may require grad for
             int8/int4/fp8 (LSQ-style learnable range). For nvfp4 it is the global amax.

@@ -60,12 +60,29 @@ class ScaleKind(enum.Enum):
     - FP32: `scale = amax / element.max_value`, one fp32 number per tensor, channel or block.
     - E4M3_TWO_LEVEL: per block `e4m3((amax_block / element.max_value) / global_scale)` times
       the fp32 `global_scale = amax / (element.max_value * 448)` (NVFP4).
-    - E8M0: per block `2 ** (floor(log2(amax_block)) - element.max_exponent)` (OCP MX).
+    - E8M0: per block a power of two `2 ** k`, k in [-127, 127], chosen by the format's
+      `ScaleRule` from the block amax.
     """
 
     FP32 = "fp32"
     E4M3_TWO_LEVEL = "e4m3_two_level"
     E8M0 = "e8m0"
+
+
+class ScaleRule(enum.Enum):
+    """How an E8M0 (power-of-two) block scale is chosen from the block amax.
+
+    - CEIL: the smallest `2 ** k >= amax / element.max_value` (fp32 quotient, rounded to
+      nearest), so no element of the block clips. What NVIDIA's runtimes compute: Transformer
+      Engine, cuDNN, flashinfer/TensorRT-LLM (vLLM), ModelOpt, and the ONNX op TensorRT runs
+      (bench/RESULTS.md, #26). A zero block gets 2**-127.
+    - OCP: `2 ** (floor(log2(amax)) - element.max_exponent)`, the OCP MX 1.0 text; blocks whose
+      amax has a larger significand than the element max clip their top (torchao's default).
+    Both clamp k to [-127, 127].
+    """
+
+    CEIL = "ceil"
+    OCP = "ocp"
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,7 @@ class QuantFormat:
     block size is part of their definition (NVFP4's 16, MX's 32).
     `static_amax` says whether the format can use a calibrated amax: the global amax of NVFP4,
     the tensor/channel/block amax of FP32-scaled formats; MX formats derive every scale from
-    the data itself.
+    the data itself. `scale_rule` picks the power of two of E8M0 scales (None otherwise).
     """
 
     name: str
@@ -86,12 +103,15 @@ class QuantFormat:
     block_size: int | None = None
     fixed_block_size: bool = False
     static_amax: bool = True
+    scale_rule: ScaleRule | None = None
 
     def __post_init__(self) -> None:
         if self.scale is not ScaleKind.FP32 and self.block_size is None:
             raise ValueError(f"format {self.name}: {self.scale.value} scales need a block size")
         if self.block_size is not None and self.block_size <= 0:
             raise ValueError(f"format {self.name}: block_size must be positive")
+        if (self.scale is ScaleKind.E8M0) != (self.scale_rule is not None):
+            raise ValueError(f"format {self.name}: E8M0 scales need a scale_rule, others none")
 
     @property
     def learnable_amax(self) -> bool:
@@ -128,10 +148,13 @@ FORMATS: dict[str, QuantFormat] = {
         QuantFormat("int4", INT4, ScaleKind.FP32, block_size=128),
         QuantFormat("fp8", E4M3, ScaleKind.FP32),
         QuantFormat("nvfp4", E2M1, ScaleKind.E4M3_TWO_LEVEL, block_size=16, fixed_block_size=True),
-        QuantFormat("mxfp4", E2M1, ScaleKind.E8M0, block_size=32, fixed_block_size=True,
-                    static_amax=False),
-        QuantFormat("mxfp8", E4M3, ScaleKind.E8M0, block_size=32, fixed_block_size=True,
-                    static_amax=False),
+        *(
+            QuantFormat(f"{name}{suffix}", element, ScaleKind.E8M0, block_size=32,
+                        fixed_block_size=True, static_amax=False, scale_rule=rule)
+            for name, element in (("mxfp4", E2M1), ("mxfp8", E4M3))
+            # Default: the rule NVIDIA's runtimes compute; `_ocp`: the OCP MX 1.0 text.
+            for suffix, rule in (("", ScaleRule.CEIL), ("_ocp", ScaleRule.OCP))
+        ),
     )
 }
 

@@ -29,6 +29,7 @@ from qcompile.core.formats import (
     ElementType,
     QuantFormat,
     ScaleKind,
+    ScaleRule,
 )
 
 _FLOAT32_EXPONENT_BIAS = 127
@@ -147,11 +148,25 @@ def compute_scales(
         block_scale = e4m3_block_scale(raw)
         return Scales(block_scale * global_scale, block_scale, global_scale)
     if fmt.scale is ScaleKind.E8M0:
-        exponent = (_floor_log2(block_amax) - element.max_exponent).clamp(
-            _E8M0_MIN_EXPONENT, _E8M0_MAX_EXPONENT
-        )
-        return Scales(exp2_int(exponent))
+        return Scales(exp2_int(e8m0_exponent(block_amax, element, fmt.scale_rule)))
     raise NotImplementedError(f"scale kind {fmt.scale}")
+
+
+def e8m0_exponent(amax: torch.Tensor, element: ElementType, rule: ScaleRule) -> torch.Tensor:
+    """The exponent k in [-127, 127] (int32) of the E8M0 scale 2**k of finite amax >= 0.
+
+    OCP: `floor(log2(amax)) - element.max_exponent`. CEIL: the smallest k with
+    `2**k >= q`, q = amax / element.max_value rounded to nearest in fp32: k = floor(log2(q)),
+    plus one where q is not exactly 2**k. This is `cvt.rp.satfinite.ue8m0` of q, bit for bit
+    (a quotient q <= 2**-127, zero included, gives -127).
+    """
+    if rule is ScaleRule.OCP:
+        exponent = _floor_log2(amax) - element.max_exponent
+    else:
+        q = amax / element.max_value
+        exponent = _floor_log2(q).clamp(_E8M0_MIN_EXPONENT, _E8M0_MAX_EXPONENT)
+        exponent = exponent + (q > exp2_int(exponent)).to(torch.int32)
+    return exponent.clamp(_E8M0_MIN_EXPONENT, _E8M0_MAX_EXPONENT)
 
 
 def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ class QuantSpec:
     """How one tensor is quantized.
 
     Args:
-        format: format name (int8, int4, fp8, nvfp4, mxfp4, mxfp8).
+        format: format name (int8, int4, fp8, nvfp4, mxfp4, mxfp8, mxfp4_ocp, mxfp8_ocp).
         axis: per-channel amax along this axis (None: per tensor or per block).
         block_size: override the format's block size (int4 only, or block-wise int8/fp8).
         dynamic: amax is taken from each tensor as it arrives (weights, MX formats); otherwise

@@ -8,7 +8,8 @@ A directory written by `save_quantized(qmodel, directory)` holds:
 - `quantization_config.json`: the same entry on its own:
   `quant_method` ("qcompile"), `version`, `recipe` (`qcompile.recipe.recipe_to_dict`),
   `sites` (name -> kind, status, reason, and per role the `QuantSpec` of its quantizer),
-  `excluded` / `unsupported` (site names left in float), `example_inputs` (name ->
+  `excluded` / `unsupported` (site names left in float), `blocks` (the paths of the blocks
+  of a block-wise prepared model, null for one graph), `example_inputs` (name ->
   dtype and shape of a tensor, or a constant `value`), `dynamic`, `dtype` (of the weights),
   `attn_implementation`, `architecture` (the transformers class), `causal_lm` (whether to
   wrap it in `QuantizedCausalLM`), `weights` (the file name), `tied` (alias -> saved name of
@@ -22,8 +23,8 @@ A directory written by `save_quantized(qmodel, directory)` holds:
 
 `load_quantized(directory)` rebuilds the float architecture on the meta device (no weight is
 allocated twice), prepares it with the saved recipe and example call, checks that the same
-sites come out, and loads every tensor: it returns a `PreparedModel`, or a
-`QuantizedCausalLM` for checkpoints of one. Import only where transformers is installed.
+sites come out, and loads every tensor: it returns a `PreparedModel`, the model's own class
+prepared block by block, or a `QuantizedCausalLM` for checkpoints of one. Import only where transformers is installed.
 """
 
 from __future__ import annotations
@@ -49,12 +50,15 @@ CONFIG_NAME = "quantization_config.json"
 QUANT_METHOD = "qcompile"
 
 
-def _unwrap(qmodel: nn.Module, config) -> tuple[PreparedModel, Any, Any, bool]:
-    """(prepared graph, config, generation config, is a causal LM) of what is saved."""
+def _unwrap(qmodel: nn.Module, config) -> tuple[nn.Module, Any, Any, bool]:
+    """(prepared model, config, generation config, is a QuantizedCausalLM) of what is saved."""
     if isinstance(qmodel, transformers.PreTrainedModel) and isinstance(
         getattr(qmodel, "prepared", None), PreparedModel
     ):  # a QuantizedCausalLM
         return qmodel.prepared, qmodel.config, qmodel.generation_config, True
+    if getattr(qmodel, "qcompile_blocks", None) is not None:  # prepared block by block
+        return (qmodel, config if config is not None else getattr(qmodel, "config", None),
+                getattr(qmodel, "generation_config", None), False)
     if not isinstance(qmodel, PreparedModel):
         raise TypeError(
             f"save_quantized takes a model from qcompile.prepare or "
@@ -106,8 +110,9 @@ def _tensors(prepared: PreparedModel) -> tuple[dict[str, torch.Tensor], dict[str
     return stored, tied, buffers
 
 
-def quantization_config(prepared: PreparedModel) -> dict[str, Any]:
+def quantization_config(prepared: nn.Module) -> dict[str, Any]:
     """The `quantization_config` entry of a checkpoint, without the file-level fields."""
+    all_sites = model_sites(prepared)
     sites = {
         site.name: {
             "kind": site.kind.value,
@@ -115,7 +120,7 @@ def quantization_config(prepared: PreparedModel) -> dict[str, Any]:
             "reason": site.reason,
             "formats": {role: spec.to_dict() for role, spec in site.specs.items()},
         }
-        for site in model_sites(prepared)
+        for site in all_sites
     }
     dtype = next((p.dtype for p in prepared.parameters() if p.is_floating_point()), None)
     return {
@@ -123,9 +128,9 @@ def quantization_config(prepared: PreparedModel) -> dict[str, Any]:
         "version": __version__,
         "recipe": recipe_to_dict(prepared.qcompile_recipe),
         "sites": sites,
-        "excluded": [s.name for s in model_sites(prepared) if s.status is SiteStatus.EXCLUDED],
-        "unsupported": [s.name for s in model_sites(prepared)
-                        if s.status is SiteStatus.UNSUPPORTED],
+        "excluded": [s.name for s in all_sites if s.status is SiteStatus.EXCLUDED],
+        "unsupported": [s.name for s in all_sites if s.status is SiteStatus.UNSUPPORTED],
+        "blocks": getattr(prepared, "qcompile_blocks", None),
         "example_inputs": _example_inputs(prepared),
         "dynamic": prepared.qcompile_inputs.dynamic,
         "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
@@ -142,7 +147,8 @@ def save_quantized(
     """Write `qmodel` (weights, quantizer state, recipe, sites) to `directory`.
 
     Args:
-        qmodel: a `PreparedModel` of a transformers model, or a `QuantizedCausalLM`.
+        qmodel: a `PreparedModel` of a transformers model, a transformers model prepared
+            block by block, or a `QuantizedCausalLM`.
         directory: created if missing; the layout is in this module's docstring.
         config: the float model's config (taken from a `QuantizedCausalLM` itself).
         safe_serialization: safetensors (default, where installed) or `torch.save`.
@@ -254,7 +260,7 @@ def read_checkpoint(
         model = model_class._from_config(config, **options).eval()
     prepared = prepare(model, recipe_from_dict(entry["recipe"]),
                        example_kwargs=_example_kwargs(entry, torch.device("meta")),
-                       dynamic=entry["dynamic"])
+                       dynamic=entry["dynamic"], blocks=entry.get("blocks"))
     rebuilt = [s.name for s in model_sites(prepared)]
     if sorted(rebuilt) != sorted(entry["sites"]):
         differ = sorted(set(rebuilt) ^ set(entry["sites"]))[:4]

@@ -4,7 +4,7 @@ This module owns the checkpoint file (`save`, `load`: model and quantizer state,
 step, any other state such as an LR scheduler, and the RNG state) and the checks that run
 before anything is loaded: a checkpoint or state dict saved from a model with other sites or
 other specs is refused with a message naming them, and the model is left as it was. It
-compares specs as plain data and reads sites back through `passes.sites`; it knows nothing of
+compares specs as plain data and reads sites back through `model_sites`; it knows nothing of
 formats, graphs or numerics.
 """
 

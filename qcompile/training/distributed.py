@@ -19,16 +19,19 @@ from qcompile.core.quantizer import Quantizer
 def fully_shard(model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
     """Shard a calibrated prepared model with FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
-    Two things differ from calling `fully_shard` yourself:
+    Three things differ from calling `fully_shard` yourself:
     - FSDP2 cannot shard 0-d parameters, which the per-tensor learned amax of a
       `learn_scales=True` recipe are. They stay replicated (`ignored_params`) and their
       gradients are averaged over the ranks during backward, as FSDP2 averages the others.
-    - It shards `model` as one unit. A prepared model's captured graph reads every weight in
-      the root's forward, so `fully_shard` on a submodule (one unit per block) leaves those
-      weights sharded when the graph reads them ("Operator qcompile.fake_quantize.default
-      does not have a sharding strategy registered"); it refuses a model with sharded parts.
-      Parameters, gradients and optimizer state are still sharded between steps; the forward
-      gathers all weights at once.
+    - A block-wise prepared model (`qcompile.prepare(..., blocks=...)`) is sharded as users
+      shard Hugging Face models: each prepared block its own FSDP unit, then the root. A
+      rank gathers one block's weights at a time, so its peak is about its shard of the
+      model plus one block.
+    - A model prepared as one graph is sharded as one unit: its graph reads every weight in
+      the root's forward, so `fully_shard` on a submodule would leave those weights sharded
+      when the graph reads them; it refuses a model with sharded parts. Parameters,
+      gradients and optimizer state are still sharded between steps; the forward gathers
+      all weights at once.
 
     Calibrate first (learned amax become parameters at calibration) and build the optimizer
     after sharding. `fsdp_kwargs` go to `fully_shard` (mesh, reshard_after_forward,
@@ -41,13 +44,8 @@ def fully_shard(model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
     if sharded:
         raise ValueError(
             f"{sharded[0] or 'the model'} is sharded already; shard only the prepared model "
-            "itself, once: its graph reads every weight in the root's forward, so a submodule's "
-            "FSDP unit is never gathered (fake_quantize then meets a sharded DTensor)"
+            "itself, once (qcompile.fully_shard shards the blocks of a block-wise model too)"
         )
-    scalars = {
-        param for module in model.modules() if isinstance(module, Quantizer)
-        for param in module.parameters(recurse=False) if param.ndim == 0
-    }
     mesh = fsdp_kwargs.get("mesh")
     if mesh is not None and mesh.ndim != 1:
         raise NotImplementedError(
@@ -56,11 +54,23 @@ def fully_shard(model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
             "and average their gradients over the replicate and shard groups yourself"
         )
     group = None if mesh is None else mesh.get_group()
+    scalars = _scalar_amax(model)
     for param in scalars:
         if param.requires_grad:
             param.register_post_accumulate_grad_hook(_averaged_over(group))
     ignored = scalars | set(fsdp_kwargs.pop("ignored_params", None) or ())
+    for path in getattr(model, "qcompile_blocks", None) or ():
+        block = model.get_submodule(path)
+        own = {p for p in block.parameters() if p in ignored}
+        torch_fully_shard(block, ignored_params=own or None, **fsdp_kwargs)
     return torch_fully_shard(model, ignored_params=ignored or None, **fsdp_kwargs)
+
+
+def _scalar_amax(model: nn.Module) -> set[nn.Parameter]:
+    return {
+        param for module in model.modules() if isinstance(module, Quantizer)
+        for param in module.parameters(recurse=False) if param.ndim == 0
+    }
 
 
 def _averaged_over(group):

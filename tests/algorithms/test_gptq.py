@@ -23,6 +23,7 @@ WEIGHT_SPECS = {
     "nvfp4": (QuantSpec("nvfp4", dynamic=True), {}),
     "mxfp4": (QuantSpec("mxfp4"), {}),
     "mxfp8": (QuantSpec("mxfp8"), {}),
+    "mxfp4_ocp": (QuantSpec("mxfp4_ocp"), {}),
     "int8 per channel": (QuantSpec("int8", axis=0, dynamic=True), {"axis": 0}),
     "fp8 per tensor": (QuantSpec("fp8", dynamic=True), {}),
 }
@@ -64,6 +65,19 @@ def test_identity_hessian_is_rounding_to_nearest(name):
     # The latent weight is the original but for the elements that set (or pass) a scale's amax.
     assert float((latent != w).float().mean()) < 0.1
     torch.testing.assert_close(_reference(latent, spec, kwargs), rounded, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(("name", "top"), [("mxfp4", 3.1), ("mxfp8", 230.0)])
+def test_ceil_block_max_rounding_down_to_half_the_range_keeps_its_scale(name, top):
+    # A block max just above max/2 (scale 1) rounds down to exactly max/2, which on its own
+    # would requantize with half the scale and round the rest of the block on a finer grid.
+    spec, kwargs = WEIGHT_SPECS[name]
+    w = _weight(rows=8, columns=256)[:, :64].contiguous()
+    w[:, 5] = top
+    w[:, 40] = -top * 2.0**-3
+    rounded, latent = gptq_round(w, torch.eye(64), ColumnRounder(spec, w, None))
+    torch.testing.assert_close(rounded, _reference(w, spec, kwargs), rtol=0, atol=0)
+    torch.testing.assert_close(_reference(latent, spec, kwargs), rounded, rtol=0, atol=0)
 
 
 def _round_correlated(spec: QuantSpec, act_order: bool):

@@ -7,7 +7,8 @@ from torch._inductor.utils import run_and_get_code
 import qcompile as qc
 from qcompile.core.formats import FORMATS
 
-STATIC = {"int8": True, "int4": False, "fp8": True, "nvfp4": True, "mxfp4": False, "mxfp8": False}
+STATIC = {"int8": True, "int4": False, "fp8": True, "nvfp4": True, "mxfp4": False, "mxfp8": False,
+          "mxfp4_ocp": False, "mxfp8_ocp": False}
 
 
 class QuantizedMLP(torch.nn.Module):

@@ -121,3 +121,155 @@ def test_every_rule_is_tested():
     tested = {"zero-point", "scale-not-constant", "scale-not-positive", "weight-axis",
               "one-sided-matmul", "q-without-dq", "dq-to-float-op", "fp4-opset"}
     assert tested == set(RULES)
+
+
+# -- onnxruntime default-session rules: each hand-built graph is also run in onnxruntime, so
+# the rule must fire exactly where its default session departs from the graph as written.
+
+def _ort_outputs(model: onnx.ModelProto, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(default session, optimizations off) outputs of `model` on `x`."""
+    ort = pytest.importorskip("onnxruntime")
+    off = ort.SessionOptions()
+    off.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model.SerializeToString()
+    feeds = {"x": x}
+    return tuple(ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+                 .run(None, feeds)[0] for options in (ort.SessionOptions(), off))
+
+
+def _relu_quantize(zero_point_type: int | None, zero_point: int = 0, relu_uses: int = 1,
+                   opset: int = 21) -> onnx.ModelProto:
+    """x -> Relu -> QuantizeLinear (zero point of that type, or output_dtype) -> DequantizeLinear."""
+    inits = [_init("s", np.array(0.25, np.float32))]
+    q_inputs, q_attrs = ["r", "s"], {}
+    if zero_point_type is None:
+        q_attrs["output_dtype"] = T.FLOAT8E4M3FN
+    else:
+        inits.append(helper.make_tensor("zp", zero_point_type, [], [zero_point]))
+        q_inputs.append("zp")
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("QuantizeLinear", q_inputs, ["q"], **q_attrs),
+             helper.make_node("DequantizeLinear", ["q", "s"], ["y"])]
+    if relu_uses == 2:
+        nodes[-1].output[0] = "d"
+        nodes.append(helper.make_node("Add", ["d", "r"], ["y"]))
+    return _model(nodes, inits, opset=opset)
+
+
+@pytest.mark.parametrize(("model", "fires"), [
+    (lambda: _relu_quantize(T.FLOAT8E4M3FN, opset=19), True),
+    (lambda: _relu_quantize(T.FLOAT8E4M3FN), True),
+    (lambda: _relu_quantize(T.FLOAT8E5M2), True),
+    (lambda: _relu_quantize(T.INT4), True),
+    (lambda: _relu_quantize(T.INT4, zero_point=-8), False),  # Q clamps at 0 by itself
+    (lambda: _relu_quantize(T.INT8), False),
+    (lambda: _relu_quantize(T.UINT8), False),
+    (lambda: _relu_quantize(None), False),  # opset 21 FP8 Q without zero point (our export)
+    (lambda: _relu_quantize(T.FLOAT8E4M3FN, relu_uses=2), False),
+], ids=["fp8-opset19", "fp8", "e5m2", "int4", "int4-min", "int8", "uint8", "fp8-no-zp",
+        "relu-used-twice"])
+def test_relu_dropped_rule_fires_where_onnxruntime_drops_the_relu(model, fires):
+    model = model()
+    onnx.checker.check_model(model, full_check=True)
+    rules = [f.rule for f in inspect_onnx(model).onnxruntime]
+    assert rules == (["relu-dropped"] if fires else [])
+    x = np.linspace(-2, 2, 8, dtype=np.float32).reshape(2, 4)
+    default, off = _ort_outputs(model, x)
+    assert np.array_equal(default, off) != fires, (default, off)
+
+
+def _blocked_matmul(dtype: int = T.INT4, block_size: int = 16, layout: str = "KN",
+                    consumer: str = "MatMul", activation_dq: bool = False,
+                    uses: int = 1) -> onnx.ModelProto:
+    """x[2, 32] @ DQ(W, blocks along K) as onnxruntime's DQ -> MatMulNBits selector sees it."""
+    k, n = 32, 8
+    rng = np.random.default_rng(0)
+    w = rng.integers(-8, 8, size=(k, n) if layout == "KN" else (n, k))
+    scale_shape = (k // block_size, n) if layout == "KN" else (n, k // block_size)
+    inits = [helper.make_tensor("w", dtype, list(w.shape), w.flatten().tolist()),
+             _init("w_scale", rng.uniform(0.01, 0.02, scale_shape).astype(np.float32))]
+    nodes = [helper.make_node("DequantizeLinear", ["w", "w_scale"], ["w_dq"],
+                              axis=0 if layout == "KN" else 1, block_size=block_size)]
+    a = "x"
+    if activation_dq:
+        inits.append(_init("s", np.array(0.05, np.float32)))
+        nodes += [helper.make_node("QuantizeLinear", ["x", "s"], ["xq"], output_dtype=T.FLOAT8E4M3FN),
+                  helper.make_node("DequantizeLinear", ["xq", "s"], ["a"])]
+        a = "a"
+    if consumer == "Gemm":
+        nodes.append(helper.make_node("Gemm", [a, "w_dq"], ["y"], transB=int(layout == "NK")))
+    else:
+        b = "w_dq"
+        if layout == "NK":
+            nodes.append(helper.make_node("Transpose", ["w_dq"], ["w_t"], perm=[1, 0]))
+            b = "w_t"
+        nodes.append(helper.make_node("MatMul", [a, b], ["y" if uses == 1 else "y1"]))
+        if uses == 2:
+            nodes += [helper.make_node("MatMul", [a, b], ["y2"]),
+                      helper.make_node("Add", ["y1", "y2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [2, n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize(("kwargs", "fires"), [
+    ({}, True),
+    ({"block_size": 32}, True),
+    ({"dtype": T.UINT4}, True),
+    ({"dtype": T.INT8}, True),
+    ({"consumer": "Gemm"}, True),
+    ({"layout": "NK"}, False),  # DQ -> Transpose -> MatMul
+    ({"layout": "NK", "consumer": "Gemm"}, False),  # Gemm transB
+    ({"activation_dq": True}, False),  # w4a8: fp8 activations
+    ({"uses": 2}, False),
+], ids=["int4", "block32", "uint4", "int8", "gemm", "transposed", "gemm-transb", "w4a8",
+        "shared"])
+def test_matmulnbits_rule_fires_where_onnxruntime_quantizes_activations(kwargs, fires):
+    model = _blocked_matmul(**kwargs)
+    onnx.checker.check_model(model, full_check=True)
+    rules = [f.rule for f in inspect_onnx(model).onnxruntime]
+    assert rules == (["matmulnbits-int8-activations"] if fires else [])
+    x = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
+    default, off = _ort_outputs(model, x)
+    differs = np.abs(default - off).max() / np.abs(off).max() > 1e-5
+    assert differs == fires
+
+
+def test_onnxruntime_findings_are_rendered_with_the_version():
+    report = inspect_onnx(_blocked_matmul())
+    assert report.warnings == []  # not a TensorRT fusion problem
+    text = report.render()
+    assert "onnxruntime (installed " in text and "[matmulnbits-int8-activations]" in text
+    assert "session.qdq_matmulnbits_accuracy_level" in text
+
+
+def _quantize_transpose(dtype: int, opset: int, q_zero_point: bool, dq_zero_point: bool,
+                        consumer: str = "Transpose") -> onnx.ModelProto:
+    """x -> Q -> DQ -> (Transpose) -> MatMul(DQ, .): the attention product's pattern."""
+    inits = [_init("s", np.array(0.05, np.float32)), helper.make_tensor("zp", dtype, [], [0])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s"] + ["zp"] * q_zero_point, ["q"],
+                              **({} if q_zero_point else {"output_dtype": dtype})),
+             helper.make_node("DequantizeLinear", ["q", "s"] + ["zp"] * dq_zero_point, ["d"])]
+    if consumer == "Transpose":
+        nodes += [helper.make_node("Transpose", ["d"], ["t"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["d", "t"], ["y"])]
+    else:
+        nodes.append(helper.make_node("Mul", ["d", "d"], ["y"]))
+    return _model(nodes, inits if q_zero_point or dq_zero_point else inits[:1], opset=opset)
+
+
+@pytest.mark.parametrize(("model", "fires"), [
+    (lambda: _quantize_transpose(T.INT8, 19, True, False), True),
+    (lambda: _quantize_transpose(T.FLOAT8E4M3FN, 19, True, False), True),
+    (lambda: _quantize_transpose(T.INT8, 19, True, True), False),  # qcompile's export < 21
+    (lambda: _quantize_transpose(T.INT8, 21, False, False), False),  # qcompile's export >= 21
+    (lambda: _quantize_transpose(T.INT8, 19, True, False, consumer="Mul"), False),
+], ids=["int8", "fp8", "int8-dq-zero-point", "opset21", "no-transpose"])
+def test_propagated_q_rule_fires_where_onnxruntime_loses_the_zero_point(model, fires):
+    model = model()
+    onnx.checker.check_model(model, full_check=True)
+    rules = [f.rule for f in inspect_onnx(model).onnxruntime]
+    assert rules == (["propagated-q-uint8"] if fires else [])
+    x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
+    default, off = _ort_outputs(model, x)
+    assert (np.abs(default - off).max() > 1e-6) == fires, (default, off)

@@ -24,6 +24,7 @@ from qcompile.core.formats import (
     ElementType,
     QuantFormat,
     ScaleKind,
+    ScaleRule,
     get_format,
 )
 
@@ -36,6 +37,8 @@ def test_the_table_is_the_contract():
         "nvfp4": (E2M1, ScaleKind.E4M3_TWO_LEVEL, 16, True),
         "mxfp4": (E2M1, ScaleKind.E8M0, 32, False),
         "mxfp8": (E4M3, ScaleKind.E8M0, 32, False),
+        "mxfp4_ocp": (E2M1, ScaleKind.E8M0, 32, False),
+        "mxfp8_ocp": (E4M3, ScaleKind.E8M0, 32, False),
     }
     assert set(FORMATS) == set(expected)
     for name, (element, scale, block, static) in expected.items():
@@ -44,7 +47,10 @@ def test_the_table_is_the_contract():
             element, scale, block, static
         ), name
         assert fmt.learnable_amax == (scale is ScaleKind.FP32)
-        assert fmt.fixed_block_size == (name in ("nvfp4", "mxfp4", "mxfp8"))
+        assert fmt.fixed_block_size == (name in ("nvfp4", "mxfp4", "mxfp8", "mxfp4_ocp", "mxfp8_ocp"))
+        expected_rule = None if scale is not ScaleKind.E8M0 else (
+            ScaleRule.OCP if name.endswith("_ocp") else ScaleRule.CEIL)
+        assert fmt.scale_rule is expected_rule, name
     assert E4M3_MAX == 448.0
 
 
@@ -86,7 +92,7 @@ def test_small_float_constants_match_ml_dtypes():
 def test_get_format():
     assert get_format("NVFP4") is FORMATS["nvfp4"]
     assert get_format(FORMATS["int8"]) is FORMATS["int8"]
-    with pytest.raises(ValueError, match="valid formats: fp8, int4, int8, mxfp4, mxfp8, nvfp4"):
+    with pytest.raises(ValueError, match="valid formats: fp8, int4, int8, mxfp4, mxfp4_ocp, mxfp8, mxfp8_ocp, nvfp4"):
         get_format("fp4")
     with pytest.raises(TypeError):
         get_format(None)
@@ -106,6 +112,10 @@ def test_resolve_block_size():
 def test_invalid_rows_are_refused():
     with pytest.raises(ValueError, match="need a block size"):
         QuantFormat("bad", E2M1, ScaleKind.E8M0)
+    with pytest.raises(ValueError, match="need a scale_rule"):
+        QuantFormat("bad", E2M1, ScaleKind.E8M0, block_size=32)
+    with pytest.raises(ValueError, match="need a scale_rule"):
+        QuantFormat("bad", INT8, ScaleKind.FP32, scale_rule=ScaleRule.CEIL)
     with pytest.raises(ValueError, match="block_size must be positive"):
         QuantFormat("bad", INT8, ScaleKind.FP32, block_size=0)
     with pytest.raises(ValueError, match="straddle zero"):

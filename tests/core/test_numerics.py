@@ -17,6 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from references import (
     REF_FORMATS,
+    e8m0_edge_amaxes,
+    e8m0_edge_blocks,
     ml_dtypes_fake_quantize,
     onnx_fake_quantize,
     onnx_nvfp4_two_level,
@@ -102,6 +104,8 @@ CASES = [
     ("nvfp4", {"amax": 1e-4}, [(4, 64)]),  # block scales saturate at 448
     ("mxfp4", {}, [(3, 5, 64), (1, 32), (9, 96), (2, 3, 5, 32)]),
     ("mxfp8", {}, [(3, 5, 64), (1, 32), (9, 96), (2, 3, 5, 32)]),
+    ("mxfp4_ocp", {}, [(3, 5, 64), (9, 96)]),
+    ("mxfp8_ocp", {}, [(3, 5, 64), (9, 96)]),
 ]
 
 
@@ -194,24 +198,59 @@ def test_nvfp4_block_scales_are_the_e4m3_reference(amax):
     assert_bitwise_equal(scales.scale.numpy(), ref.scale)
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
-def test_e8m0_scales_are_powers_of_two_from_the_exponent(fmt):
-    # block amax exactly at, just under and just over powers of two; tiny and huge blocks.
-    amaxes = np.array([1.0, 1.9999999, 2.0, 0.75, 3e38, 1e-38, 1e-45, 0.0], F32)
-    x = np.zeros((amaxes.size, 32), F32)
-    x[:, 3] = -amaxes
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8", "mxfp4_ocp", "mxfp8_ocp"])
+def test_e8m0_scales_at_the_edges_match_the_reference(fmt):
+    spec = REF_FORMATS[fmt]
+    x = e8m0_edge_blocks(spec.qmax)
     _, scales = numerics.quantize(torch.from_numpy(x), None, get_format(fmt), 32)
-    ref = reference_scales(x, REF_FORMATS[fmt])
+    ref = reference_scales(x, spec)
     assert_bitwise_equal(scales.scale.numpy(), ref.scale)
-    emax = 2 if fmt == "mxfp4" else 8
-    expected_exponents = [0, 0, 1, -1, 127, -127, -149, None]
-    for row, e in enumerate(expected_exponents):
-        exp = -127 if e is None else max(e - emax, -127)
-        assert ref.scale[row, 0, 0] == np.ldexp(F32(1), exp), row
+    assert_bitwise_equal(run_qcompile(x, fmt), ml_dtypes_fake_quantize(x, fmt))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
+def test_ceil_rule_is_the_runtimes_bit_trick(fmt):
+    """The default (ceil) exponent equals Transformer Engine's `float_to_e8m0` (the bits of
+    `cvt.rp.satfinite.ue8m0x2.f32`) applied to fp32 amax / max, written here on the bits, over
+    the edge cases and a million random fp32 amaxes of every magnitude."""
+    spec = REF_FORMATS[fmt]
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 0x7F800000, 1_000_000, dtype=np.int64).astype(np.uint32)
+    amaxes = np.concatenate([e8m0_edge_amaxes(spec.qmax), bits.view(F32)])
+    q = (amaxes / F32(spec.qmax)).astype(F32).view(np.uint32)
+    e, m = (q >> 23) & 0xFF, q & 0x7FFFFF
+    bump = (m != 0) & (e != 0xFE) & ~((e == 0) & (m <= 0x400000))
+    te_exponent = (e + bump).astype(np.int64) - 127
+    ours = numerics.e8m0_exponent(torch.from_numpy(amaxes), get_format(fmt).element,
+                                  get_format(fmt).scale_rule)
+    np.testing.assert_array_equal(ours.numpy(), te_exponent)
+
+
+def test_the_rules_differ_exactly_where_ocp_clips():
+    """Ceil is OCP + 1 exactly where amax's significand exceeds the element max's (1.75 for
+    E4M3, 1.5 for E2M1), i.e. where OCP would clip the block's top; elsewhere they agree."""
+    for name, significand in (("mxfp8", 1.75), ("mxfp4", 1.5)):
+        ceil, ocp = get_format(name), get_format(f"{name}_ocp")
+        amax = torch.tensor([1.0, significand, 1.76, 1.5001, 1.99, 0.0, 2.0**-140]) * 2.0**10
+        k_ceil = numerics.e8m0_exponent(amax, ceil.element, ceil.scale_rule)
+        k_ocp = numerics.e8m0_exponent(amax, ocp.element, ocp.scale_rule)
+        clips = amax > ceil.element.max_value * numerics.exp2_int(k_ocp)
+        assert ((k_ceil - k_ocp) == clips.to(torch.int32)).all(), name
+        assert clips.any() and not clips.all()
+        # ceil never clips: the block max only rounds (half a step of its grid at most);
+        # OCP saturates it to max * scale where it clips.
+        x = amax[:, None].expand(-1, 32).contiguous()
+        y_ceil = qcompile.fake_quantize(x, name)[:, 0]
+        y_ocp = qcompile.fake_quantize(x, f"{name}_ocp")[:, 0]
+        normal = amax > 1e-30
+        error = ((y_ceil - amax).abs() / amax)[normal]
+        assert (error <= 2.0 ** -(ceil.element.mantissa_bits + 1)).all(), name
+        saturated = ceil.element.max_value * numerics.exp2_int(k_ocp)
+        assert (y_ocp[clips] == saturated[clips]).all() and (y_ocp[clips] < amax[clips]).all()
 
 
 # ----------------------------------------------------------------- the contract's edge cases
-ALL_FORMATS = ["int8", "int4", "fp8", "nvfp4", "mxfp4", "mxfp8"]
+ALL_FORMATS = ["int8", "int4", "fp8", "nvfp4", "mxfp4", "mxfp8", "mxfp4_ocp", "mxfp8_ocp"]
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)

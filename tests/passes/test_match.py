@@ -66,7 +66,9 @@ def test_products_with_weights_or_constants_are_not_activation_matmuls():
         positions = graph.call_function(aten.arange.default, (graph.call_function(aten.sym_size.int, (x, 0)),))
         return graph.call_function(aten.matmul.default, (a, positions))  # RoPE-like
 
-    assert find_sites(_graph(build)) == []
+    (site,) = find_sites(_graph(build))  # no activation matmul; the weight is listed
+    assert (site.name, site.status, site.weight) == ("proj.weight", SiteStatus.UNSUPPORTED, "proj.weight")
+    assert "matmul" in site.reason and site.weight_size == 64
 
 
 def test_einsum_that_contracts_one_index_is_a_matmul():

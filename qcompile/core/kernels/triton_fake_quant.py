@@ -37,6 +37,7 @@ from qcompile.core.formats import (
     ElementType,
     QuantFormat,
     ScaleKind,
+    ScaleRule,
     get_format,
 )
 
@@ -219,6 +220,7 @@ def _fake_quantize_block_kernel(
     MANTISSA_BITS: tl.constexpr,
     MIN_EXPONENT: tl.constexpr,
     MAX_EXPONENT: tl.constexpr,
+    E8M0_CEIL: tl.constexpr,
     GLOBAL_DIVISOR: tl.constexpr,
     SCALE_LO: tl.constexpr,
     SCALE_HI: tl.constexpr,
@@ -232,7 +234,8 @@ def _fake_quantize_block_kernel(
 
     SCALE_KIND 0: fp32 `amax / HI` (amax static per block or global, else the block max).
     SCALE_KIND 1: two-level, `e4m3((block_max / HI) / gs) * gs` with `gs = amax / GLOBAL_DIVISOR`.
-    SCALE_KIND 2: E8M0, `2 ** clamp(floor(log2(block_max)) - MAX_EXPONENT, -127, 127)`.
+    SCALE_KIND 2: E8M0 `2 ** k`, k clamped to [-127, 127]: with E8M0_CEIL the smallest k with
+    `2**k >= block_max / HI`, else (OCP) `floor(log2(block_max)) - MAX_EXPONENT`.
     """
     pid = tl.program_id(0).to(tl.int64)
     blocks = pid * ROWS + tl.arange(0, ROWS)
@@ -258,7 +261,12 @@ def _fake_quantize_block_kernel(
         )
         scale = block_scale * global_scale
     else:
-        exponent = _floor_log2(block_max) - MAX_EXPONENT
+        if E8M0_CEIL:
+            q = tl.math.div_rn(block_max, HI)
+            exponent = tl.minimum(tl.maximum(_floor_log2(q), -127), 127)
+            exponent = exponent + (q > _exp2_int(exponent)).to(tl.int32)
+        else:
+            exponent = _floor_log2(block_max) - MAX_EXPONENT
         exponent = tl.minimum(tl.maximum(exponent, -127), 127)
         scale = _exp2_int(exponent)
     y = _fake_quantize_values(x, scale[:, None], IS_INT, LO, HI, MANTISSA_BITS, MIN_EXPONENT)
@@ -321,6 +329,7 @@ def _block_scale_constants(fmt: QuantFormat) -> dict:
     return {
         "SCALE_KIND": SCALE_CODES[fmt.scale],
         "MAX_EXPONENT": fmt.element.max_exponent,
+        "E8M0_CEIL": fmt.scale_rule is ScaleRule.CEIL,
         "GLOBAL_DIVISOR": float(fmt.element.max_value * E4M3_MAX),
         "SCALE_LO": scale_element["LO"],
         "SCALE_HI": scale_element["HI"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from references import e8m0_edge_blocks, ml_dtypes_fake_quantize
 
 from qcompile.core import numerics
 from qcompile.core.formats import FORMATS, ScaleKind, get_format
@@ -137,12 +138,23 @@ def test_round_half_to_even_ties(name, device):
     x[0, : len(ties)] = torch.tensor(ties)
     x[1, : len(ties)] = -torch.tensor(ties)
     # amax that makes the scale 1: 127 (int8), 448 (fp8); MX: a block max whose E8M0 scale is 1
-    anchor = {"int8": 127.0, "fp8": 448.0, "mxfp4": 4.0, "mxfp8": 256.0}[name]
+    anchor = {"int8": 127.0, "fp8": 448.0, "mxfp4": 4.0, "mxfp8": 256.0}[name]  # both E8M0 rules
     x[:, -1] = anchor
     amax = torch.tensor(anchor) if fmt.static_amax else None
     bs = block_size_of(name)
     y = kernel(x, amax, name, bs, device)
     assert_bitwise_equal(y, reference(x, amax, name, bs))
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "mxfp8", "mxfp4_ocp", "mxfp8_ocp"])
+def test_e8m0_rules_at_their_edges(name, device):
+    """Block maxes exactly at max * 2**k, one ulp either side, powers of two, zero, fp32
+    subnormals and the largest floats: the kernel equals numerics and the ml_dtypes reference."""
+    x = torch.from_numpy(e8m0_edge_blocks(get_format(name).element.max_value))
+    y = kernel(x, None, name, 32, device)
+    assert_bitwise_equal(y, reference(x, None, name, 32))
+    expected = torch.from_numpy(ml_dtypes_fake_quantize(x.numpy(), name))
+    assert_bitwise_equal(y, expected)
 
 
 def test_nvfp4_block_scales_round_and_saturate_like_e4m3(device):
