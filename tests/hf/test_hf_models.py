@@ -171,13 +171,15 @@ def test_all_minilm_l6_v2():
                       padding=True)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     start = time.perf_counter()
-    prepared = prepare(model, "fp8", example_kwargs=inputs)
+    # The products (P included), as this bound was set for: with the default attention="qkv"
+    # this batch gives cosine 0.978 (0.9927 with P quantized too, 0.9918 with attention in
+    # float): fp8 V costs ~0.02 here, and quantizing P happens to offset it (#27).
+    recipe = RECIPES["fp8"].with_(attention="products")
+    prepared = prepare(model, recipe, example_kwargs=inputs)
     assert time.perf_counter() - start < 60
     sites = model_sites(prepared)
     assert len([s for s in sites if s.kind is SiteKind.LINEAR]) == 6 * 6 + 1
-    attention = [s for s in sites if s.kind in (SiteKind.MATMUL, SiteKind.ATTENTION)
-                 and s.status is SiteStatus.QUANTIZED]
-    assert len(attention) in (12, 6)  # two products per layer (eager), or one fused attention
+    assert len([s for s in sites if s.kind is SiteKind.MATMUL and s.status is SiteStatus.QUANTIZED]) == 12
     calibrate_max(prepared, inputs)
     reference = model(**inputs).last_hidden_state
     out = prepared(**inputs).last_hidden_state
