@@ -120,3 +120,13 @@ def test_the_checker_sees_a_cycle_and_a_private_import(tmp_path, monkeypatch):
         assert "qcompile.fake_b._secret" in str(error)
     else:
         raise AssertionError("the planted private import was not found")
+
+
+def test_every_package_is_installed_by_pyproject():
+    """A non-editable install ships each subpackage only when pyproject lists it."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages == listed, f"missing: {sorted(packages - listed)}, stale: {sorted(listed - packages)}"
