@@ -42,13 +42,15 @@ class RefFormat:
     block_size: int | None
     emax: int = 0  # exponent of the largest power of two of the element (E8M0 scales)
     rule: str = ""  # E8M0 scales: "ceil" or "ocp"
+    divisor: float = 0.0  # fp32 scales: amax / divisor (0: qmax)
 
 
 REF_FORMATS = {
     f.name: f
     for f in (
         RefFormat("int8", "int8", -128.0, 127.0, "fp32", None),
-        RefFormat("int4", "int4", -8.0, 7.0, "fp32", 128),
+        # amax / 7.5 (torchao, compressed-tensors: amax / ((qmax - qmin) / 2)).
+        RefFormat("int4", "int4", -8.0, 7.0, "fp32", 128, divisor=(7.0 - -8.0) / 2),
         RefFormat("fp8", "e4m3", -448.0, 448.0, "fp32", None),
         RefFormat("nvfp4", "e2m1", -6.0, 6.0, "nvfp4", 16),
         RefFormat("mxfp4", "e2m1", -6.0, 6.0, "e8m0", 32, emax=2, rule="ceil"),
@@ -162,7 +164,7 @@ def reference_scales(
             a = finite_abs(x).max(axis=dims, keepdims=True) if dims else finite_abs(x)
         else:
             a = finite_abs(x).max()
-        return RefScales((a / F32(fmt.qmax)).astype(F32))
+        return RefScales((a / F32(fmt.divisor or fmt.qmax)).astype(F32))
     block_amax = finite_abs(xb).max(axis=-1, keepdims=True)
     if fmt.scale == "nvfp4":
         a = finite_abs(x).max() if amax is None else np.asarray(amax, F32).reshape(())

@@ -187,9 +187,9 @@ class _Builder:
         element, last = fmt.element, len(x.shape) - 1
         if amax is None:
             scale = (self.block_amax(x, block_size) if block_size else self.tensor_amax(x))
-            scale = self.op.Div(scale, self.const(element.max_value))
+            scale = self.op.Div(scale, self.const(fmt.divisor))
             return self.qdq(x, self.guarded(scale), scale, element, last, block_size or 0)
-        scale = self.static_scale(amax, element.max_value)
+        scale = self.static_scale(amax, fmt.divisor)
         shape = list(amax.shape)
         if math.prod(shape) == 1:  # per tensor (also a single amax for a block format)
             scale = self.op.Reshape(scale, self.const([], np.int64))

@@ -8,11 +8,13 @@ column comes up (from the values as they are by then).
 qcompile stores a latent float weight that rounds to the GPTQ values, which the model's weight
 quantizer fake-quantizes again on every forward, with dynamic scales derived from that weight.
 For that second quantization to reproduce the rounded values, every dynamic scale must come
-out the same: the element that sets a scale's amax keeps the value it rounds to when the scale
-is fixed, and no other element of the scale's span may round past it (except OCP E8M0 scales,
-which depend only on the exponent of the amax). For NVFP4 the tensor's largest element also
-keeps its value, which pins the global scale. A static (calibrated) amax fixes the scales by
-itself.
+out the same: the element that sets a scale's amax keeps that amax as its latent value (it
+rounds to whatever the amax rounds to: 7 or -8 under int4's amax / 7.5, so a rounded weight is
+*not* a fixed point of its own quantization), no other latent value may exceed it, and the
+rounded values stay between what -amax and +amax round to (the whole [-8, 7] for int4; a
+value there whose original does not round to it gets -amax or +amax as its latent). E8M0
+scales have their own rules (below). For NVFP4 the tensor's largest element also keeps its
+value, which pins the global scale. A static (calibrated) amax fixes the scales by itself.
 
 This module owns that rule; `qcompile.algorithms.gptq` owns the algorithm and the model plumbing, and
 `qcompile.core.numerics` the arithmetic of each format.
@@ -61,11 +63,12 @@ class ColumnRounder:
         device = weight.device
         self.force_column = torch.full((rows,), -1, dtype=torch.long, device=device)
         self.force_value = torch.zeros(rows, device=device)
-        #: The latent value of each forced element (its rounded value unless noted).
-        self.force_latent: torch.Tensor | None = None
-        #: |rounded values| and |latent values| may not exceed these (per row, this group).
-        self.bound = torch.full((rows,), float("inf"), device=device)
-        self.latent_bound = self.bound
+        #: The latent value of each forced element: the amax it sets (E8M0: see start_group).
+        self.force_latent = self.force_value
+        #: Rounded values stay in [low, high], |latent values| within latent_bound (per row).
+        self.high = torch.full((rows,), float("inf"), device=device)
+        self.low = -self.high
+        self.latent_bound = self.high
         self.scale = torch.ones(rows, device=device)
         self._groups: list[tuple[torch.Tensor, ...]] | None = None  # per block, once all are fixed
         if self.block is None:
@@ -86,27 +89,32 @@ class ColumnRounder:
         rows = weight.shape[0]
         if self._static is not None:
             amax = canonical_amax(weight, self.fmt, self._static, axis, None)
-            self.scale = (amax / self.element.max_value).expand(rows, 1).reshape(rows).clone()
+            self.scale = numerics.amax_scale(amax, self.fmt).expand(rows, 1).reshape(rows).clone()
             return
         magnitude = numerics.finite_abs(weight)
         if axis is None:
             flat = int(magnitude.argmax())
             row, column = flat // weight.shape[1], flat % weight.shape[1]
-            self.scale = (magnitude[row, column] / self.element.max_value).expand(rows).clone()
-            rows_index, columns = torch.tensor([[row], [column]], device=weight.device)
-            self._force(rows_index, columns, weight[row, column].reshape(1))
-            self.bound = self.latent_bound = self.force_value[row].abs().expand(rows).clone()
-            return
-        amax, columns = magnitude.max(dim=1)
-        self.scale = amax / self.element.max_value
-        rows_index = torch.arange(rows, device=weight.device)
-        self._force(rows_index, columns, weight[rows_index, columns])
-        self.bound = self.latent_bound = self.force_value.abs()
+            amax = magnitude[row, column].expand(rows)
+            rows_index = torch.tensor([row], device=weight.device)
+            columns = torch.tensor([column], device=weight.device)
+        else:
+            amax, columns = magnitude.max(dim=1)
+            rows_index = torch.arange(rows, device=weight.device)
+        self.scale = numerics.amax_scale(amax, self.fmt).clone()
+        self.force_column[rows_index] = columns
+        reference = weight[rows_index, columns]
+        self.force_value = self.force_value.clone()
+        self.force_value[rows_index] = self._round_values(reference, self.scale[rows_index])
+        self.force_latent = self.force_value.clone()
+        self.force_latent[rows_index] = reference
+        self._bound_by(amax.clone())
 
-    def _force(self, rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor) -> None:
-        """The elements at (rows, columns) keep what `values` round to with the current scale."""
-        self.force_column[rows] = columns
-        self.force_value[rows] = self._round_values(values, self.scale[rows])
+    def _bound_by(self, amax: torch.Tensor) -> None:
+        """Rounded values between what -amax and +amax round to, latent values within amax."""
+        self.latent_bound = amax
+        self.high = self._round_values(amax, self.scale)
+        self.low = self._round_values(-amax, self.scale)
 
     def _round_values(self, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -121,7 +129,7 @@ class ColumnRounder:
         rows = values.shape[0]
         values = values.float()
         if self._static is not None and self.fmt.scale is ScaleKind.FP32:
-            self.scale = (self._static[:, column // self.block, 0] / self.element.max_value).clone()
+            self.scale = numerics.amax_scale(self._static[:, column // self.block, 0], self.fmt)
             return
         magnitude = numerics.finite_abs(values)
         amax, offsets = magnitude.max(dim=1)
@@ -137,7 +145,9 @@ class ColumnRounder:
         self.scale = numerics.compute_scales(amax_blocks, self._global_amax, self.fmt, 1).scale.reshape(rows)
         self.force_column = column + offsets
         self.force_value = self._round_values(reference, self.scale)
-        self.force_latent = None
+        self.force_latent = self.force_value
+        self.high = torch.full_like(self.scale, float("inf"))
+        self.low = -self.high
         if self.fmt.scale_rule is ScaleRule.CEIL:
             # Ceil E8M0: any value up to max * scale keeps the scale. The forced element may
             # round down to exactly half of that, which alone would requantize with half the
@@ -155,7 +165,8 @@ class ColumnRounder:
             limit = self.scale * 2.0 ** (self.element.max_exponent + 1)
             self.latent_bound = torch.nextafter(limit, torch.zeros_like(limit))
         else:
-            self.bound = self.latent_bound = self.force_value.abs()
+            self.force_latent = reference
+            self._bound_by(amax)
 
     def fix_all_groups(self, weight: torch.Tensor) -> None:
         """Fix every block's scales now, from `weight` (the original): columns may then be
@@ -165,20 +176,20 @@ class ColumnRounder:
         groups = []
         for column in range(0, weight.shape[1], self.block):
             self.start_group(column, weight[:, column : column + self.block])
-            groups.append((self.scale, self.force_column, self.force_value, self.bound,
+            groups.append((self.scale, self.force_column, self.force_value, self.low, self.high,
                            self.latent_bound, self.force_latent))
         self._groups = groups
 
     def _select(self, column: int) -> None:
         if self._groups is not None:
-            (self.scale, self.force_column, self.force_value, self.bound,
+            (self.scale, self.force_column, self.force_value, self.low, self.high,
              self.latent_bound, self.force_latent) = self._groups[column // self.block]
 
     def round(self, column: int, w: torch.Tensor) -> torch.Tensor:
         """The quantized values of column `column` (current values `w`, one per row)."""
         self._select(column)
         q = self._round_values(w.float(), self.scale)
-        q = torch.maximum(torch.minimum(q, self.bound), -self.bound)
+        q = torch.maximum(torch.minimum(q, self.high), self.low)
         forced = self.force_column == column
         return torch.where(forced, self.force_value, q)
 
@@ -188,12 +199,13 @@ class ColumnRounder:
 
         Keeping the original values keeps where each weight sits inside its rounding bin,
         which later training (QAT/QAD) moves weights across; a weight on its grid point is
-        half a step from either neighbour.
+        half a step from either neighbour. A rounded value beyond the amax (int4's -8) gets
+        the amax as its latent value, which rounds to it.
         """
         self._select(column)
-        kept = torch.maximum(torch.minimum(original.float(), self.latent_bound), -self.latent_bound)
+        bound = self.latent_bound
+        kept = torch.maximum(torch.minimum(original.float(), bound), -bound)
         forced = self.force_column == column
         same = (self._round_values(kept, self.scale) == q) & ~forced
-        if self.force_latent is not None:
-            q = torch.where(forced, self.force_latent, q)
+        q = torch.where(forced, self.force_latent, torch.maximum(torch.minimum(q, bound), -bound))
         return torch.where(same, kept, q)

@@ -57,7 +57,8 @@ E2M1 = ElementType(
 class ScaleKind(enum.Enum):
     """How a scale is derived from an amax.
 
-    - FP32: `scale = amax / element.max_value`, one fp32 number per tensor, channel or block.
+    - FP32: `scale = amax / divisor`, one fp32 number per tensor, channel or block; the
+      divisor is the element max unless the format names another (`QuantFormat.divisor`).
     - E4M3_TWO_LEVEL: per block `e4m3((amax_block / element.max_value) / global_scale)` times
       the fp32 `global_scale = amax / (element.max_value * 448)` (NVFP4).
     - E8M0: per block a power of two `2 ** k`, k in [-127, 127], chosen by the format's
@@ -95,6 +96,10 @@ class QuantFormat:
     `static_amax` says whether the format can use a calibrated amax: the global amax of NVFP4,
     the tensor/channel/block amax of FP32-scaled formats; MX formats derive every scale from
     the data itself. `scale_rule` picks the power of two of E8M0 scales (None otherwise).
+    `scale_divisor` (FP32 scales only) replaces the element max in `scale = amax / divisor`:
+    int4's 7.5 puts the amax on the rounding edge between 7 and 8, so a block spends the whole
+    [-8, 7] range (its positive max saturates to 7, a negative one rounds to -8 or, one fp32
+    ulp away, -7); what torchao and compressed-tensors compute (bench/RESULTS.md, #25).
     """
 
     name: str
@@ -104,6 +109,7 @@ class QuantFormat:
     fixed_block_size: bool = False
     static_amax: bool = True
     scale_rule: ScaleRule | None = None
+    scale_divisor: float | None = None
 
     def __post_init__(self) -> None:
         if self.scale is not ScaleKind.FP32 and self.block_size is None:
@@ -112,6 +118,16 @@ class QuantFormat:
             raise ValueError(f"format {self.name}: block_size must be positive")
         if (self.scale is ScaleKind.E8M0) != (self.scale_rule is not None):
             raise ValueError(f"format {self.name}: E8M0 scales need a scale_rule, others none")
+        if self.scale_divisor is not None and (
+            self.scale is not ScaleKind.FP32 or not self.scale_divisor >= self.element.max_value
+        ):
+            raise ValueError(f"format {self.name}: scale_divisor applies to fp32 scales and is "
+                             f"at least the element max {self.element.max_value}")
+
+    @property
+    def divisor(self) -> float:
+        """What an FP32 scale divides the amax by: `scale_divisor`, else the element max."""
+        return self.element.max_value if self.scale_divisor is None else self.scale_divisor
 
     @property
     def learnable_amax(self) -> bool:
@@ -145,7 +161,7 @@ FORMATS: dict[str, QuantFormat] = {
     f.name: f
     for f in (
         QuantFormat("int8", INT8, ScaleKind.FP32),
-        QuantFormat("int4", INT4, ScaleKind.FP32, block_size=128),
+        QuantFormat("int4", INT4, ScaleKind.FP32, block_size=128, scale_divisor=7.5),
         QuantFormat("fp8", E4M3, ScaleKind.FP32),
         QuantFormat("nvfp4", E2M1, ScaleKind.E4M3_TWO_LEVEL, block_size=16, fixed_block_size=True),
         *(

@@ -119,11 +119,12 @@ class Scales:
 
 
 def amax_scale(amax: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """The fp32 scale an amax stands for: `amax / max` for FP32 scales, the global scale
+    """The fp32 scale an amax stands for: `amax / divisor` for FP32 scales (the element max,
+    or the format's `scale_divisor`: 7.5 for int4), the global scale
     `amax / (max * 448)` for two-level E4M3 x fp32 (NVFP4). What checkpoints store as a
     tensor's scale is this, computed here once."""
     if fmt.scale is ScaleKind.FP32:
-        return amax / fmt.element.max_value
+        return amax / fmt.divisor
     if fmt.scale is ScaleKind.E4M3_TWO_LEVEL:
         return amax / (fmt.element.max_value * E4M3_MAX)
     raise ValueError(f"{fmt.name} scales are not derived from an amax")
@@ -199,8 +200,8 @@ def ste_pass(
     (float32, shape of x).
 
     With a static amax, inputs inside the clipping range [lo, amax] pass, where lo is
-    amax * (min / max) of the element for fp32-scaled formats (-128/127 for int8) and -amax
-    otherwise; saturated inputs get zero. With a dynamic amax every finite input passes.
+    amax * (min / divisor) for fp32-scaled formats (the grid's bottom: -128/127 for int8,
+    -8/7.5 for int4) and -amax otherwise; saturated inputs get zero. With a dynamic amax every finite input passes.
     NaN never passes.
 
     Written with float operations only (no comparison makes a bool), so that a compiler
@@ -212,8 +213,7 @@ def ste_pass(
         lo, hi = -torch.finfo(torch.float32).max, torch.finfo(torch.float32).max
     else:
         hi = amax.float()
-        lo = hi * (fmt.element.min_value / fmt.element.max_value
-                   if fmt.scale is ScaleKind.FP32 else -1.0)
+        lo = hi * (fmt.element.min_value / fmt.divisor if fmt.scale is ScaleKind.FP32 else -1.0)
     # Exactly 0 inside [lo, hi] (x - y is never 0 for floats x != y), > 0 outside, NaN for
     # NaN; ceil(min(distance, 1)) is then 0 inside, 1 outside, and NaN stays NaN, which
     # fmax turns into 0.
@@ -263,20 +263,22 @@ def amax_gradient(
 ) -> torch.Tensor:
     """LSQ-style gradient of fake_quantize with respect to a static amax (fp32-scaled formats).
 
-    With v = x / scale and scale = amax / max: dy/damax is (round(v) - v) / max inside the
-    range, 1 above it and min / max below it (rounding passed straight through). Summed over
-    the elements that share each amax; NaN inputs contribute nothing.
+    With v = x / scale and scale = amax / divisor: dy/damax is (round(v) - v) / divisor inside
+    the element range [min, max], max / divisor above it and min / divisor below it (rounding
+    passed straight through; 1 and min / max where the divisor is the element max). Summed
+    over the elements that share each amax; NaN inputs contribute nothing.
     """
     if fmt.scale is not ScaleKind.FP32:
         raise ValueError(f"{fmt.name} has no learnable amax: its scales are not amax / max")
     element = fmt.element
     xb = to_blocks(x.float(), block_size)
-    scale = amax.float() / element.max_value
+    divisor = fmt.divisor
+    scale = amax.float() / divisor
     v = xb / _safe_divisor(scale)
     q = round_to_element(v, element)
-    inside = (q - v) / element.max_value
-    d = torch.where(v > element.max_value, torch.ones_like(v), inside)
-    d = torch.where(v < element.min_value, torch.full_like(v, element.min_value / element.max_value), d)
+    inside = (q - v) / divisor
+    d = torch.where(v > element.max_value, torch.full_like(v, element.max_value / divisor), inside)
+    d = torch.where(v < element.min_value, torch.full_like(v, element.min_value / divisor), d)
     d = torch.where(torch.isnan(v), torch.zeros_like(v), d)
     contribution = to_blocks(grad.float(), block_size) * d
     return contribution.sum_to_size(amax.shape).to(amax.dtype)

@@ -15,7 +15,7 @@ import torch
 
 from qcompile.core import numerics
 from qcompile.core.fake_quant import canonical_amax
-from qcompile.core.formats import ScaleKind, get_format
+from qcompile.core.formats import QuantFormat, ScaleKind, get_format
 from qcompile.core.quantizer import Quantizer
 
 #: Exponent bias of E8M0 scale bytes (OCP MX): the byte b stands for 2 ** (b - 127).
@@ -60,6 +60,52 @@ class WeightQuantization:
             shape[self.axis] = -1
             scale = scale.reshape(shape)
         return self.values * scale
+
+    def latent(self, format: str) -> torch.Tensor:
+        """A float weight that the format's dynamic quantization turns back into exactly these
+        values and scales (fp32, the weight's layout).
+
+        Where the scale divides the amax by the element max, the dequantized weight is such a
+        weight. int4's `amax / 7.5` maps the block max to 7.5, which rounds to 7 (or -8), so
+        there each block's amax must be put back: the element with the largest |value| (a
+        positive one first: a positive amax always rounds to 7) and every element at the grid's
+        negative end get +-amax, an amax whose `amax / 7.5` is the stored scale. A caller that needs the guarantee checks it by quantizing again.
+        """
+        dequantized = self.dequantize()
+        fmt = get_format(format)
+        if fmt.scale is not ScaleKind.FP32 or fmt.divisor == fmt.element.max_value:
+            return dequantized
+        if self.block_size <= 0:
+            raise ValueError(f"{fmt.name} latent weights are written for block scales")
+        values = numerics.to_blocks(self.values.float(), self.block_size)
+        scale = self.scale.float().unsqueeze(-1)
+        latent = numerics.to_blocks(dequantized, self.block_size).clone()
+        top = (values.abs() + 0.5 * (values > 0)).argmax(dim=-1, keepdim=True)  # 7 before -7
+        top_value = values.gather(-1, top)
+        bottom = values == fmt.element.min_value
+        amax = _amax_of_scale(scale, top_value, bottom.any(dim=-1, keepdim=True), fmt)
+        latent.scatter_(-1, top, torch.where(top_value < 0, -amax, amax))
+        latent = torch.where(bottom & (scale > 0), -amax, latent)
+        return numerics.from_blocks(latent, self.block_size)
+
+
+def _amax_of_scale(scale: torch.Tensor, top: torch.Tensor, has_bottom: torch.Tensor,
+                   fmt: QuantFormat) -> torch.Tensor:
+    """Per block an fp32 amax with `amax / divisor == scale` in fp32 whose +-amax rounds to
+    the block's top value `top` (and -amax to the element min where the block holds it):
+    `scale * divisor` or one of its fp32 neighbours, the first that fits."""
+    divisor = torch.tensor(fmt.divisor, dtype=torch.float32, device=scale.device)
+    guess = scale * divisor
+    best = guess
+    for candidate in (torch.nextafter(guess, torch.full_like(guess, float("inf"))),
+                      torch.nextafter(guess, torch.zeros_like(guess)), guess):
+        divided = candidate / torch.where(scale > 0, scale, torch.ones_like(scale))
+        fits = (candidate / divisor == scale) & (
+            numerics.round_to_element(torch.copysign(divided, top), fmt.element) == top)
+        fits &= ~has_bottom | (numerics.round_to_element(-divided, fmt.element)
+                               == fmt.element.min_value)
+        best = torch.where(fits, candidate, best)
+    return best
 
 
 def quantize_weight(

@@ -33,7 +33,6 @@ import torch
 import transformers
 from torch import nn
 
-from qcompile.core.fake_quant import fake_quantize
 from qcompile.core.formats import get_format
 from qcompile.core.numerics import amax_scale
 from qcompile.core.quantizer import Quantizer
@@ -434,8 +433,10 @@ def load_checkpoint(directory: str | os.PathLike, *, device: str | torch.device 
 
     Weights are decoded from the format's packed tensors (the quantized weights themselves);
     every calibrated range comes from `qcompile_serving.json` and is checked against the
-    format's scales. A weight quantizer stays on where re-quantizing its decoded weight gives
-    it back bit for bit (so QAT can go on), and is switched off (with a warning) where not,
+    format's scales. The loaded weight is one that quantizes to the decoded one (int4: with
+    each block's amax put back, `WeightQuantization.latent`); a weight quantizer stays on where
+    quantizing it gives the decoded weight bit for bit (so QAT can go on), and is switched off
+    (with the decoded weight loaded, and a warning) where not,
     e.g. for a bf16 model whose nvfp4 values do not all fit bf16.
     """
     directory = Path(directory)
@@ -505,12 +506,11 @@ def _load_into(prepared: PreparedModel, tensors: dict[str, torch.Tensor], entry:
             wq, scale = _decode(site, quantizer, tensors, format, entry)
             _check_input_scale(prepared, site, scale, format)
             target = params[name]
-            target.copy_(wq.dequantize().to(target.dtype))
+            dequantized = wq.dequantize().to(target.dtype)
+            target.copy_(wq.latent(quantizer.spec.format).to(target.dtype))  # int4: amax back
             loaded.add(name)
-            spec = quantizer.spec
-            again = fake_quantize(target, spec.format, amax=None if spec.dynamic else
-                                  quantizer.amax, axis=spec.axis, block_size=spec.block_size)
-            if not torch.equal(again, target):
+            if not torch.equal(quantizer(target), dequantized):
+                target.copy_(dequantized)
                 quantizer.enabled = False
                 requantized.append(site.name)
         missing = []

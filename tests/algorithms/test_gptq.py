@@ -12,6 +12,8 @@ from torch import nn
 import qcompile as qc
 from qcompile.algorithms.gptq import gptq, gptq_round
 from qcompile.algorithms.rounding import ColumnRounder, UnsupportedWeight
+from qcompile.core import numerics
+from qcompile.core.formats import get_format
 from qcompile.core.quantizer import Quantizer, QuantSpec
 from qcompile.recipe import Recipe, SiteSpecs
 from tests.references import ml_dtypes_fake_quantize
@@ -88,14 +90,22 @@ def _round_correlated(spec: QuantSpec, act_order: bool):
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("name", list(WEIGHT_SPECS))
-def test_rounded_weight_quantizes_to_itself(name, act_order):
-    # The prepared model re-quantizes the stored weight with dynamic scales on every
-    # forward: the GPTQ result must be a fixed point of the format, outliers and all.
+def test_latent_weight_quantizes_to_the_rounded_one(name, act_order):
+    # The prepared model re-quantizes the stored (latent) weight with dynamic scales on every
+    # forward: it must give the GPTQ values, outliers and all. Where scale = amax / max the
+    # rounded weight is a fixed point itself; int4's amax / 7.5 is not (a block max of 7.5
+    # rounds to 7 or -8), so there the latent keeps each block's amax, and GPTQ uses -8 too.
     spec, kwargs = WEIGHT_SPECS[name]
     w, rounded, latent = _round_correlated(spec, act_order)
-    torch.testing.assert_close(_reference(rounded, spec, kwargs), rounded, rtol=1e-6, atol=0)
-    torch.testing.assert_close(_reference(latent, spec, kwargs), rounded, rtol=1e-6, atol=0)
+    torch.testing.assert_close(_reference(latent, spec, kwargs), rounded, rtol=0, atol=0)
     assert float((latent == w).float().mean()) > 0.25  # many weights keep their place in the bin
+    fmt = get_format(spec.format)
+    if fmt.divisor == fmt.element.max_value:
+        torch.testing.assert_close(_reference(rounded, spec, kwargs), rounded, rtol=1e-6, atol=0)
+    else:
+        values, _ = numerics.quantize(latent, None, fmt, fmt.resolve_block_size(spec.block_size))
+        assert float(values.min()) == -8.0 and float(values.max()) == 7.0
+        assert not torch.equal(_reference(rounded, spec, kwargs), rounded)
     if spec.format == "nvfp4":  # the tensor's amax, hence the global scale, is pinned
         assert float(rounded.abs().max()) == float(w.abs().max())
 
@@ -120,7 +130,8 @@ def test_static_amax_keeps_its_scales():
     rounded, _ = gptq_round(w, x.T @ x, rounder)
     expected = qc.fake_quantize(rounded, "int4", amax=amax)
     torch.testing.assert_close(rounded, expected, rtol=0, atol=0)
-    assert float(rounded.max()) == pytest.approx(0.1) and float(rounded.min()) == pytest.approx(-0.1 * 8 / 7)
+    assert float(rounded.max()) == pytest.approx(0.1 * 7 / 7.5)
+    assert float(rounded.min()) == pytest.approx(-0.1 * 8 / 7.5)
 
 
 def test_per_input_channel_scales_are_refused():
@@ -183,7 +194,11 @@ def test_gptq_brings_the_prepared_model_closer_to_float(mlp, recipe):
     for name in ("up", "down"):  # each stored weight is what its quantizer computes
         weight = qmodel.get_parameter(f"{name}.weight")
         quantizer = qmodel.get_submodule(f"{name}.weight_quantizer")
-        torch.testing.assert_close(quantizer(quantizer(weight)), quantizer(weight), rtol=1e-6, atol=0)
+        fmt = get_format(quantizer.spec.format)
+        if fmt.divisor == fmt.element.max_value:  # int4: the latent keeps each block's amax
+            torch.testing.assert_close(quantizer(quantizer(weight)), quantizer(weight), rtol=1e-6, atol=0)
+        else:
+            assert not torch.equal(quantizer(quantizer(weight)), quantizer(weight))
 
 
 def test_smoothed_sites_round_the_scaled_weight(mlp):

@@ -3,7 +3,8 @@
 Gradients are checked against the contract: the STE mask (zero where a static amax saturated
 the input, pass-through with a dynamic amax) and the LSQ amax gradient against a central finite
 difference of the straight-through surrogate `s -> s * clip(x / s + d, qmin, qmax)`, with
-`d = q(x / s0) - x / s0` held fixed (rounding treated as the identity) and s = amax / qmax.
+`d = q(x / s0) - x / s0` held fixed (rounding treated as the identity) and s = amax / divisor
+(qmax, or int4's 7.5).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def test_ste_with_per_block_and_per_channel_amax():
     amax = torch.rand(4, 2) + 0.5
     grad = _x_grad(x, "int4", amax=amax, block_size=32)
     hi = amax.repeat_interleave(32, dim=1)
-    assert torch.equal(grad, ((x <= hi) & (x >= -hi * 8 / 7)).float())
+    assert torch.equal(grad, ((x <= hi) & (x >= -hi * 8 / 7.5)).float())  # amax / 7.5: [-8s, amax]
     channel = torch.rand(4) + 0.5
     grad = _x_grad(x, "fp8", amax=channel, axis=0)
     assert torch.equal(grad, (x.abs() <= channel[:, None]).float())
@@ -186,8 +187,9 @@ def surrogate_amax_gradient(x: np.ndarray, amax: np.ndarray, fmt: str, block_siz
     elif block_size is not None and a.size > 1:
         a = a.reshape(*x64.shape[:-1], 1)
     qmin, qmax = spec.qmin, spec.qmax
-    s0 = a / qmax
-    v32 = (blocks(x, block_size) / (a / qmax).astype(np.float32)).astype(np.float32)
+    divisor = spec.divisor or qmax
+    s0 = a / divisor
+    v32 = (blocks(x, block_size) / (a / divisor).astype(np.float32)).astype(np.float32)
     inside = (v32 >= qmin) & (v32 <= qmax)
     # d = round(v) - v, held fixed: rounding onto the element grid inside the range; outside
     # it the clip decides (integers: plain rint; floats: the grid ends at qmax, d = 0).
@@ -198,7 +200,7 @@ def surrogate_amax_gradient(x: np.ndarray, amax: np.ndarray, fmt: str, block_siz
     d = rounded - x64 / s0
 
     def surrogate(amax_value):
-        s = amax_value / qmax
+        s = amax_value / divisor
         return s * np.clip(x64 / s + d, qmin, qmax)
 
     h = 1e-6 * a
@@ -248,8 +250,9 @@ def test_amax_gradient_matches_finite_difference_of_the_surrogate(fmt, kwargs, s
     assert kink.mean() < 0.1
 
 
-@pytest.mark.parametrize("fmt,below", [("int8", -128 / 127), ("int4", -8 / 7), ("fp8", -1.0)])
-def test_amax_gradient_beyond_the_range_is_one_or_min_over_max(fmt, below):
+@pytest.mark.parametrize("fmt,above,below", [
+    ("int8", 1.0, -128 / 127), ("int4", 7 / 7.5, -8 / 7.5), ("fp8", 1.0, -1.0)])
+def test_amax_gradient_beyond_the_range_is_max_or_min_over_the_divisor(fmt, above, below):
     x = torch.tensor([10.0, -10.0, 0.0, float("nan"), float("inf"), -float("inf"), 0.5, 0.25])
     grads = []
     for i in range(x.numel()):
@@ -257,15 +260,15 @@ def test_amax_gradient_beyond_the_range_is_one_or_min_over_max(fmt, below):
         y = qcompile.fake_quantize(x, fmt, amax=amax, block_size=8 if fmt == "int4" else None)
         y[i].backward()
         grads.append(amax.grad.item())
-    assert grads[0] == 1.0 and grads[4] == 1.0
+    assert grads[0] == pytest.approx(above, rel=1e-6) and grads[4] == pytest.approx(above, rel=1e-6)
     assert grads[1] == pytest.approx(below, rel=1e-6) and grads[5] == pytest.approx(below, rel=1e-6)
     assert grads[2] == 0.0 and grads[3] == 0.0  # zero lies on the grid; NaN contributes nothing
-    # inside: (round(v) - v) / qmax
-    qmax = {"int8": 127, "int4": 7, "fp8": 448}[fmt]
+    # inside: (round(v) - v) / divisor
+    divisor = {"int8": 127, "int4": 7.5, "fp8": 448}[fmt]
     for value, grad in zip((0.5, 0.25), grads[6:]):
-        v = np.float32(value) / (np.float32(1.0) / np.float32(qmax))
+        v = np.float32(value) / (np.float32(1.0) / np.float32(divisor))
         q = cast_to_element(np.array([v], np.float32), REF_FORMATS[fmt])[0]
-        assert grad == pytest.approx((q - v) / qmax, abs=1e-7)
+        assert grad == pytest.approx((q - v) / divisor, abs=1e-7)
 
 
 def test_dynamic_amax_has_no_amax_gradient_and_the_ste_for_x():

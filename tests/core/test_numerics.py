@@ -337,3 +337,45 @@ def test_property_matches_ml_dtypes_reference(params):
         kwargs["amax"] = np.asarray(amax if np.isfinite(amax) else finite.max())
     expected = ml_dtypes_fake_quantize(x, fmt, **kwargs)
     assert_bitwise_equal(run_qcompile(x, fmt, **kwargs), expected)
+
+
+# ------------------------------------------------------------------ int4: amax / 7.5 (#25)
+def _int4_blocks_with_both_signs_of_max() -> torch.Tensor:
+    """Blocks of 128 over 24 orders of magnitude; half have a negative max, some outliers."""
+    gen = torch.Generator().manual_seed(25)
+    x = torch.randn(48, 256, generator=gen) * torch.logspace(-12, 12, 48)[:, None]
+    x[::3, 7] *= 40.0  # outliers set the block max
+    x[1::2, :128] = -x[1::2, :128].abs()  # blocks whose max is negative
+    return x
+
+
+def test_int4_scale_puts_the_block_max_on_the_rounding_edge():
+    """scale = amax / 7.5: a positive block max saturates to 7, a negative one rounds to -8
+    (or to -7 where fp32 puts -amax / scale one ulp above -7.5), so the blocks use the whole
+    [-8, 7] range."""
+    x = _int4_blocks_with_both_signs_of_max()
+    values, scales = numerics.quantize(x, None, get_format("int4"), 128)
+    amax = numerics.finite_abs(numerics.to_blocks(x, 128)).amax(-1, keepdim=True)
+    assert torch.equal(scales.scale, amax / 7.5)
+    top = values.gather(-1, numerics.to_blocks(x, 128).abs().argmax(-1, keepdim=True))
+    edge = -amax / scales.scale
+    assert ((top == 7) | (top == -8) | ((top == -7) & (edge > -7.5))).all()
+    assert (top == -8).any() and (top == 7).any()
+    assert values.min() == -8 and values.max() == 7
+
+
+def test_int4_equals_compressed_tensors():
+    """Bit for bit the compressed-tensors package's own group quantization (symmetric int4,
+    scale = amax / ((qmax - qmin) / 2)), which vLLM's int4 checkpoints are written with."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    x = _int4_blocks_with_both_signs_of_max()
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group",
+                            group_size=128)
+    view = x.reshape(48, 2, 128)
+    scale, zero = calculate_qparams(view.amin(-1), view.amax(-1), args)
+    assert torch.equal(scale.unsqueeze(-1), numerics.quantize(x, None, get_format("int4"), 128)[1].scale)
+    assert torch.equal(ct_fake(x, scale, zero, args), qcompile.fake_quantize(x, "int4"))

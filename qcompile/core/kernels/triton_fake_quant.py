@@ -189,16 +189,18 @@ def _fake_quantize_elementwise_kernel(
     HI: tl.constexpr,
     MANTISSA_BITS: tl.constexpr,
     MIN_EXPONENT: tl.constexpr,
+    DIVISOR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Per-tensor or per-channel fp32 scale `amax / HI`, amax read through a broadcast index."""
+    """Per-tensor or per-channel fp32 scale `amax / DIVISOR`, amax read through a broadcast
+    index."""
     pid = tl.program_id(0).to(tl.int64)
     offsets = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     amax_offsets = _amax_offsets(offsets, amax_inner, amax_channels, AMAX_SCALAR)
     amax = tl.load(amax_ptr + amax_offsets, mask=mask, other=0.0)
-    scale = tl.math.div_rn(amax, HI)
+    scale = tl.math.div_rn(amax, DIVISOR)
     y = _fake_quantize_values(x, scale, IS_INT, LO, HI, MANTISSA_BITS, MIN_EXPONENT)
     tl.store(out_ptr + offsets, _to_output_dtype(y, out_ptr.dtype.element_ty), mask=mask)
 
@@ -221,6 +223,7 @@ def _fake_quantize_block_kernel(
     MIN_EXPONENT: tl.constexpr,
     MAX_EXPONENT: tl.constexpr,
     E8M0_CEIL: tl.constexpr,
+    DIVISOR: tl.constexpr,
     GLOBAL_DIVISOR: tl.constexpr,
     SCALE_LO: tl.constexpr,
     SCALE_HI: tl.constexpr,
@@ -232,7 +235,7 @@ def _fake_quantize_block_kernel(
 ):
     """ROWS blocks of BLOCK_SIZE elements per program: block max, scale, quantize, store.
 
-    SCALE_KIND 0: fp32 `amax / HI` (amax static per block or global, else the block max).
+    SCALE_KIND 0: fp32 `amax / DIVISOR` (amax static per block or global, else the block max).
     SCALE_KIND 1: two-level, `e4m3((block_max / HI) / gs) * gs` with `gs = amax / GLOBAL_DIVISOR`.
     SCALE_KIND 2: E8M0 `2 ** k`, k clamped to [-127, 127]: with E8M0_CEIL the smallest k with
     `2**k >= block_max / HI`, else (OCP) `floor(log2(block_max)) - MAX_EXPONENT`.
@@ -251,7 +254,7 @@ def _fake_quantize_block_kernel(
     else:
         amax = block_max
     if SCALE_KIND == 0:
-        scale = tl.math.div_rn(amax, HI)
+        scale = tl.math.div_rn(amax, DIVISOR)
     elif SCALE_KIND == 1:
         global_scale = tl.math.div_rn(amax, GLOBAL_DIVISOR)
         raw = tl.math.div_rn(tl.math.div_rn(block_max, HI), global_scale)
@@ -330,6 +333,7 @@ def _block_scale_constants(fmt: QuantFormat) -> dict:
         "SCALE_KIND": SCALE_CODES[fmt.scale],
         "MAX_EXPONENT": fmt.element.max_exponent,
         "E8M0_CEIL": fmt.scale_rule is ScaleRule.CEIL,
+        "DIVISOR": float(fmt.divisor),
         "GLOBAL_DIVISOR": float(fmt.element.max_value * E4M3_MAX),
         "SCALE_LO": scale_element["LO"],
         "SCALE_HI": scale_element["HI"],
@@ -341,7 +345,7 @@ def _block_scale_constants(fmt: QuantFormat) -> dict:
 def _lower_ratio(fmt: QuantFormat) -> float:
     """Lower end of the STE range as a multiple of amax (same rule as `numerics.ste_mask`)."""
     if fmt.scale is ScaleKind.FP32:
-        return fmt.element.min_value / fmt.element.max_value
+        return fmt.element.min_value / fmt.divisor
     return -1.0
 
 
@@ -453,6 +457,7 @@ def _launch_elementwise_kernel(
         x, flat_amax, out, numel, inner, channels,
         AMAX_SCALAR=scalar,
         **_element_constants(fmt.element),
+        DIVISOR=float(fmt.divisor),
         BLOCK=ELEMENTWISE_BLOCK,
     )
 

@@ -307,9 +307,9 @@ def test_ste_backward_matches_numerics(name, dtype, device):
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_ste_backward_range_boundaries(name, device):
-    """x exactly at amax * (min/max) and amax, and one fp32 ulp outside each."""
+    """x exactly at amax * (min/divisor) and amax, and one fp32 ulp outside each."""
     hi = torch.tensor(3.3)
-    ratio = FORMATS[name].element.min_value / FORMATS[name].element.max_value
+    ratio = FORMATS[name].element.min_value / FORMATS[name].divisor
     if FORMATS[name].scale is not ScaleKind.FP32:
         ratio = -1.0
     lo = hi * ratio
