@@ -1,7 +1,7 @@
 """qcompile: make a PyTorch model deployable in low precision.
 
 `prepare` (capture and insert quantizers), functional numerics (`fake_quantize`), calibration
-(`calibrate`, `smooth`, `gptq`), mixed precision by measurement (`auto_recipe`), distillation (`Distiller`, `train`), the per-site `report`, checkpoints
+(`calibrate`, `smooth`, `gptq`, `search_weight_scales`), mixed precision by measurement (`auto_recipe`), distillation (`Distiller`, `train`), the per-site `report`, checkpoints
 (`save`, `load`) and FSDP2 sharding (`fully_shard`). See README.md for the tour.
 """
 
@@ -9,6 +9,7 @@ from qcompile.algorithms.auto_recipe import auto_recipe
 from qcompile.algorithms.calibrate import CalibrationWarning, calibrate
 from qcompile.algorithms.gptq import gptq
 from qcompile.algorithms.smooth import smooth
+from qcompile.algorithms.weight_scales import search_weight_scales
 from qcompile.blocks import BlockError
 from qcompile.core.fake_quant import fake_quantize
 from qcompile.core.formats import FORMATS, QuantFormat, get_format
@@ -56,6 +57,7 @@ __all__ = [
     "prepare",
     "report",
     "save",
+    "search_weight_scales",
     "smooth",
     "train",
     "export_onnx",

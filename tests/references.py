@@ -141,8 +141,10 @@ def reference_scales(
     amax: np.ndarray | float | None = None,
     axis: int | None = None,
     block_size: int | None = None,
+    block_amax: np.ndarray | None = None,
 ) -> RefScales:
-    """The scales of DESIGN.md's table for float32 x, in float32 numpy."""
+    """The scales of DESIGN.md's table for float32 x, in float32 numpy. `block_amax` (nvfp4,
+    e8m0; one per block): stored weight scales' amax, used instead of each block's max."""
     x = np.asarray(x, F32)
     bs = block_size if block_size is not None else fmt.block_size
     xb = blocks(x, bs)
@@ -165,7 +167,10 @@ def reference_scales(
         else:
             a = finite_abs(x).max()
         return RefScales((a / F32(fmt.divisor or fmt.qmax)).astype(F32))
-    block_amax = finite_abs(xb).max(axis=-1, keepdims=True)
+    if block_amax is None:
+        block_amax = finite_abs(xb).max(axis=-1, keepdims=True)
+    else:
+        block_amax = np.asarray(block_amax, F32).reshape(*xb.shape[:-1], 1)
     if fmt.scale == "nvfp4":
         a = finite_abs(x).max() if amax is None else np.asarray(amax, F32).reshape(())
         gs = F32(a / F32(6 * 448))
@@ -206,12 +211,13 @@ def ml_dtypes_fake_quantize(
     amax: np.ndarray | float | None = None,
     axis: int | None = None,
     block_size: int | None = None,
+    block_amax: np.ndarray | None = None,
 ) -> np.ndarray:
     """fake_quantize per the contract: y = cast(clip(x / scale)) * scale; zero scale -> zeros."""
     fmt = REF_FORMATS[fmt] if isinstance(fmt, str) else fmt
     x = np.asarray(x, F32)
     bs = block_size if block_size is not None else fmt.block_size
-    scale = reference_scales(x, fmt, amax, axis, block_size).scale
+    scale = reference_scales(x, fmt, amax, axis, block_size, block_amax).scale
     xb = blocks(x, bs)
     divisor = np.where(scale > 0, scale, F32(1)).astype(F32)
     with np.errstate(over="ignore", invalid="ignore"):

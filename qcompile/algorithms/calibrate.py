@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from qcompile.algorithms.weight_scales import check_method, search_weight_scales
 from qcompile.algorithms.data import (
     CalibrationData,
     CalibrationWarning,
@@ -68,6 +69,7 @@ def calibrate(
     percentile: float | None = None,
     num_batches: int | None = None,
     progress: bool = True,
+    weight_scales: str | None = None,
 ) -> nn.Module:
     """Calibrate the static amax of every enabled quantizer of `model` that needs one.
 
@@ -80,6 +82,11 @@ def calibrate(
         percentile: for method="percentile", in (0, 100]; default 99.99.
         num_batches: stop after this many batches of an iterable (per rank).
         progress: show a tqdm progress bar (on rank 0 only).
+        weight_scales: None (weight scales from the weights themselves, as the recipe says),
+            or a search whose scales the weight quantizers then store
+            (`qcompile.algorithms.weight_scales.search_weight_scales`): "mse" (clipping ratio
+            per block/channel/tensor, and NVFP4/MXFP4 blocks' max mapped to 4 or 6) or
+            "four_over_six" (NVFP4/MXFP4 only). Measured in bench/RESULTS.md (#25).
 
     Runs in eval mode under `torch.no_grad()` and restores every module's train/eval mode.
     On error no amax changes and no observer stays attached. Returns `model`.
@@ -97,6 +104,8 @@ def calibrate(
     its activations (its weight scales come from its own weights) and a `CalibrationWarning`.
     """
     observer_class = get_observer_class(method)
+    if weight_scales is not None:
+        check_method(weight_scales)
     options = {}
     if percentile is not None:
         if method != "percentile":
@@ -130,7 +139,10 @@ def calibrate(
     if not targets:
         formats = ", ".join(sorted({q.spec.format for _, q in quantizers if q.enabled}))
         reason = f"{formats} use dynamic scales" if formats else "all quantizers are disabled"
-        warnings.warn(f"no calibration needed: {reason}", CalibrationWarning, stacklevel=2)
+        if weight_scales is None:
+            warnings.warn(f"no calibration needed: {reason}", CalibrationWarning, stacklevel=2)
+        else:
+            search_weight_scales(model, data, weight_scales, progress=progress)
         return model
 
     wrapper = parallel_wrapper(model)
@@ -159,6 +171,8 @@ def calibrate(
     for quantizer, amax in amaxes.items():
         quantizer.set_amax(amax)
     tie_fused_ranges(model)
+    if weight_scales is not None:  # after the ranges: NVFP4's global amax may be static
+        search_weight_scales(model, data, weight_scales, progress=progress)
     return model
 
 

@@ -261,7 +261,7 @@ def gptq(
         if pre_scale is not None:
             weight = weight * pre_scale
         try:
-            rounder = ColumnRounder(quantizer.spec, weight, quantizer.amax)
+            rounder = ColumnRounder(quantizer.spec, weight, quantizer.amax, quantizer.scale_amax)
         except UnsupportedWeight as error:
             skipped.append(f"{target.site} ({error})")
             continue

@@ -41,9 +41,13 @@ class ColumnRounder:
     values of the group's columns (block formats; a no-op otherwise), then `round(column, w)`
     for each column in order. Or call `fix_all_groups(weight)` once: every block's scales from
     the original weight ("static groups"), after which columns may come in any order.
+
+    `scale_amax`: the weight quantizer's stored scales (`Quantizer.scale_amax`), which fix
+    every scale as a static amax does (NVFP4's global scale, if dynamic, stays pinned).
     """
 
-    def __init__(self, spec: QuantSpec, weight: torch.Tensor, amax: torch.Tensor | None) -> None:
+    def __init__(self, spec: QuantSpec, weight: torch.Tensor, amax: torch.Tensor | None,
+                 scale_amax: torch.Tensor | None = None) -> None:
         fmt = get_format(spec.format)
         self.fmt = fmt
         self.element = fmt.element
@@ -52,6 +56,12 @@ class ColumnRounder:
         self.group_size = self.block or columns
         weight = weight.float()
         static = None if spec.dynamic else amax.detach().float()
+        #: Stored block amax of NVFP4 / MX weights, (rows, K / block).
+        self._block_amax: torch.Tensor | None = None
+        if scale_amax is not None and fmt.scale is ScaleKind.FP32:
+            static = scale_amax.detach().float()
+        elif scale_amax is not None:
+            self._block_amax = scale_amax.detach().float().reshape(rows, -1)
         if spec.axis is not None and spec.axis % 2 != 0:
             raise UnsupportedWeight(
                 f"per-input-channel scales (axis={spec.axis}) change along the columns GPTQ "
@@ -131,6 +141,9 @@ class ColumnRounder:
         if self._static is not None and self.fmt.scale is ScaleKind.FP32:
             self.scale = numerics.amax_scale(self._static[:, column // self.block, 0], self.fmt)
             return
+        if self._block_amax is not None:
+            self._start_stored_group(column, values)
+            return
         magnitude = numerics.finite_abs(values)
         amax, offsets = magnitude.max(dim=1)
         reference = values.gather(1, offsets[:, None]).squeeze(1)
@@ -167,6 +180,28 @@ class ColumnRounder:
         else:
             self.force_latent = reference
             self._bound_by(amax)
+
+    def _start_stored_group(self, column: int, values: torch.Tensor) -> None:
+        """Scales from the stored block amax: nothing to force but NVFP4's pinned global max,
+        and no latent value may pass that max (it would move the global scale)."""
+        rows = values.shape[0]
+        amax_blocks = self._block_amax[:, column // self.block].reshape(rows, 1, 1)
+        self.scale = numerics.compute_scales(amax_blocks, self._global_amax, self.fmt, 1).scale.reshape(rows)
+        self.force_column = torch.full_like(self.force_column, -1)
+        self.high = torch.full_like(self.scale, float("inf"))
+        self.low = -self.high
+        self.latent_bound = self.high
+        if self._pin is None:
+            return
+        self.latent_bound = self._global_amax.expand(rows).clone()
+        if column <= self._pin[1] < column + self.block:
+            row, offset = self._pin[0], self._pin[1] - column
+            reference = torch.copysign(self._global_amax, values[row, offset].float())
+            self.force_column[row] = self._pin[1]
+            self.force_value = self.force_value.clone()
+            self.force_value[row] = self._round_values(reference, self.scale[row])
+            self.force_latent = self.force_value.clone()
+            self.force_latent[row] = reference
 
     def fix_all_groups(self, weight: torch.Tensor) -> None:
         """Fix every block's scales now, from `weight` (the original): columns may then be

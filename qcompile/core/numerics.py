@@ -131,15 +131,25 @@ def amax_scale(amax: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 
 
 def compute_scales(
-    xb: torch.Tensor, amax: torch.Tensor | None, fmt: QuantFormat, block_size: int | None
+    xb: torch.Tensor,
+    amax: torch.Tensor | None,
+    fmt: QuantFormat,
+    block_size: int | None,
+    block_amax: torch.Tensor | None = None,
 ) -> Scales:
-    """Scales for fp32 `xb` (already in block view) according to the format's scale kind."""
+    """Scales for fp32 `xb` (already in block view) according to the format's scale kind.
+
+    `block_amax` (two-level and E8M0 formats; broadcastable to `(..., K // block_size, 1)`)
+    replaces each block's own max as the amax its scale is derived from: stored weight scales
+    found by a search (`qcompile.algorithms.weight_scales`). FP32 formats take theirs as `amax`.
+    """
     element = fmt.element
     if fmt.scale is ScaleKind.FP32:
         if amax is None:
             amax = dynamic_amax(xb, block_size)
         return Scales(amax_scale(amax, fmt))
-    block_amax = dynamic_amax(xb, block_size)
+    if block_amax is None:
+        block_amax = dynamic_amax(xb, block_size)
     if fmt.scale is ScaleKind.E4M3_TWO_LEVEL:
         if amax is None:
             amax = finite_abs(xb).amax()
@@ -175,21 +185,31 @@ def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(
-    x: torch.Tensor, amax: torch.Tensor | None, fmt: QuantFormat, block_size: int | None
+    x: torch.Tensor,
+    amax: torch.Tensor | None,
+    fmt: QuantFormat,
+    block_size: int | None,
+    block_amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Scales]:
-    """Element values (fp32, in block view) and scales of x; `fake_quantize` multiplies them."""
+    """Element values (fp32, in block view) and scales of x; `fake_quantize` multiplies them.
+    `block_amax`: see `compute_scales`."""
     xb = to_blocks(x.float(), block_size)
     amax = None if amax is None else amax.float()
-    scales = compute_scales(xb, amax, fmt, block_size)
+    block_amax = None if block_amax is None else block_amax.float()
+    scales = compute_scales(xb, amax, fmt, block_size, block_amax)
     values = round_to_element(xb / _safe_divisor(scales.scale), fmt.element)
     return values, scales
 
 
 def fake_quantize(
-    x: torch.Tensor, amax: torch.Tensor | None, fmt: QuantFormat, block_size: int | None
+    x: torch.Tensor,
+    amax: torch.Tensor | None,
+    fmt: QuantFormat,
+    block_size: int | None,
+    block_amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize then dequantize x; the result has x's shape and dtype."""
-    values, scales = quantize(x, amax, fmt, block_size)
+    values, scales = quantize(x, amax, fmt, block_size, block_amax)
     return from_blocks(values * scales.scale, block_size).to(x.dtype)
 
 

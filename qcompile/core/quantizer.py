@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from qcompile.core import numerics
 from qcompile.core.fake_quant import fake_quantize
 from qcompile.core.formats import ScaleKind, get_format
 
@@ -121,8 +122,15 @@ class Quantizer(nn.Module):
     - `pre_scale`: None, or a per-channel factor along the last axis applied before anything
       else (SmoothQuant, `qcompile.algorithms.smooth`): the input quantizer of a Linear divides by s
       and its weight quantizer multiplies by s, so the product is unchanged in float.
+    - `scale_amax`: None, or stored weight scales found by a search
+      (`qcompile.algorithms.weight_scales`): the amax each scale is derived from, one per block
+      (shape `weight.shape[:-1] + (K // block_size,)`), per channel or per tensor, used
+      instead of the data's own. For FP32-scaled formats it is a static amax; NVFP4 derives
+      its E4M3 block scales from it (the global amax stays as the spec says), MX formats their
+      E8M0 exponents. The gradient passes where |x| is within it (the format's lower end
+      for FP32 scales). A cache of quantized weights must be dropped when it changes.
 
-    `state_dict()` holds `amax` (and `pre_scale` once set); the spec and the `enabled` flag travel in the state dict's
+    `state_dict()` holds `amax` (and `pre_scale`, `scale_amax` once set); the spec and the `enabled` flag travel in the state dict's
     metadata (`state_dict._metadata[path]["qcompile"]`, kept by `torch.save`), so that
     `load_state_dict` restores `enabled` and a prepared model can refuse a state dict saved
     with other specs (see `qcompile.training.checkpoint`).
@@ -135,6 +143,7 @@ class Quantizer(nn.Module):
         self.observer: Observer | None = None
         self.register_buffer("amax", torch.empty(0))
         self.register_buffer("pre_scale", None)
+        self.register_buffer("scale_amax", None)
         self.register_state_dict_post_hook(_record_spec)
 
     @property
@@ -164,6 +173,17 @@ class Quantizer(nn.Module):
             pre_scale = pre_scale.detach().float().reshape(-1).to(self.amax.device)
         self.pre_scale = pre_scale
 
+    def set_scale_amax(self, scale_amax: torch.Tensor | None) -> None:
+        """Install (or, with None, remove) searched weight scales (see the class docstring)."""
+        if scale_amax is not None:
+            if self.spec.learn_amax or (not self.spec.dynamic
+                                        and get_format(self.spec.format).scale is ScaleKind.FP32):
+                raise ValueError(
+                    f"stored weight scales replace a dynamic amax; this quantizer's is "
+                    f"{'learned' if self.spec.learn_amax else 'static'} ({self.spec.describe()})")
+            scale_amax = scale_amax.detach().float().to(self.amax.device)
+        self.scale_amax = scale_amax
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_scale is not None:
             x = x * self.pre_scale.to(x.dtype)
@@ -180,14 +200,26 @@ class Quantizer(nn.Module):
                     "qcompile.calibrate(model, data) first, or use a recipe with dynamic scales"
                 )
             amax = self.amax
+        if self.scale_amax is not None:
+            return self._with_stored_scales(x, amax)
         return fake_quantize(
             x, self.spec.format, amax=amax, axis=self.spec.axis, block_size=self.spec.block_size
         )
 
+    def _with_stored_scales(self, x: torch.Tensor, amax: torch.Tensor | None) -> torch.Tensor:
+        fmt = get_format(self.spec.format)
+        if fmt.scale is ScaleKind.FP32:  # a static amax of the op
+            return fake_quantize(x, fmt, amax=self.scale_amax, axis=self.spec.axis,
+                                 block_size=self.spec.block_size)
+        block_size = fmt.resolve_block_size(self.spec.block_size)
+        block_amax = self.scale_amax.reshape(*x.shape[:-1], -1, 1)
+        amax = None if amax is None else amax.reshape(())
+        return _StoredBlockScales.apply(x, amax, block_amax, fmt.name, block_size)
+
     def _apply(self, fn, recurse=True):
         # `.half()` / `.to(torch.bfloat16)` on the model must not round the range: amax and
         # pre_scale (so every scale) stay float32, as the numerics contract has it; devices move.
-        before = {name: getattr(self, name) for name in ("amax", "pre_scale")}
+        before = {name: getattr(self, name) for name in ("amax", "pre_scale", "scale_amax")}
         before = {name: t.data for name, t in before.items() if t is not None}
         result = super()._apply(fn, recurse)
         for name, data in before.items():
@@ -204,6 +236,10 @@ class Quantizer(nn.Module):
         key = prefix + "pre_scale"
         if key in state_dict and self.pre_scale is None:
             self.set_pre_scale(state_dict[key])
+        key = prefix + "scale_amax"
+        if key in state_dict and (self.scale_amax is None
+                                  or self.scale_amax.shape != state_dict[key].shape):
+            self.scale_amax = state_dict[key].detach().float().to(self.amax.device)
         saved = (local_metadata or {}).get(METADATA_KEY)
         if saved is not None:
             self.enabled = bool(saved["enabled"])
@@ -211,7 +247,25 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         smoothed = ", smoothed" if self.pre_scale is not None else ""
-        return self.spec.describe() + smoothed + ("" if self.enabled else ", disabled")
+        stored = ", stored scales" if self.scale_amax is not None else ""
+        return self.spec.describe() + smoothed + stored + ("" if self.enabled else ", disabled")
+
+
+class _StoredBlockScales(torch.autograd.Function):
+    """Fake quantization with per-block amax given (NVFP4, MX weights with stored scales):
+    `numerics.fake_quantize(..., block_amax=...)`, gradient passed where |x| <= block amax."""
+
+    @staticmethod
+    def forward(ctx, x, amax, block_amax, format: str, block_size: int):
+        fmt = get_format(format)
+        y = numerics.fake_quantize(x, amax, fmt, block_size, block_amax)
+        ctx.save_for_backward(numerics.ste_keep(x, block_amax, fmt, block_size))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return numerics.masked_gradient(grad, keep).to(grad.dtype), None, None, None, None
 
 
 #: Key of a quantizer's entry in its state-dict metadata: {"spec": {...}, "enabled": bool}.

@@ -112,7 +112,7 @@ def quantize_weight(
     weight: torch.Tensor, quantizer: Quantizer, e8m0_scales: bool
 ) -> WeightQuantization:
     """Quantize `weight` exactly as `quantizer` does in eval mode, its SmoothQuant
-    `pre_scale` included.
+    `pre_scale` and stored scales (`scale_amax`) included.
 
     `e8m0_scales`: store MX scales as uint8 E8M0 exponents instead of fp32.
     """
@@ -123,8 +123,13 @@ def quantize_weight(
     if quantizer.pre_scale is not None:  # SmoothQuant: stored weight is W * s
         w = w * quantizer.pre_scale.detach().float()
     amax = None if spec.dynamic else quantizer.amax.detach()
+    block_amax = quantizer.scale_amax  # stored scales (a search's), else the data's own
+    if block_amax is not None and fmt.scale is ScaleKind.FP32:
+        amax, block_amax = block_amax, None
+    elif block_amax is not None:
+        block_amax = block_amax.reshape(*w.shape[:-1], -1, 1)
     amax = canonical_amax(w, fmt, amax, spec.axis, block_size)
-    values, scales = numerics.quantize(w, amax, fmt, block_size)
+    values, scales = numerics.quantize(w, amax, fmt, block_size, block_amax)
     values = numerics.from_blocks(values, block_size)
     if block_size is not None:
         scale = scales.block_scale if fmt.scale is ScaleKind.E4M3_TWO_LEVEL else scales.scale

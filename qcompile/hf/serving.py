@@ -5,8 +5,8 @@ A directory written by `export_checkpoint(qmodel, directory, format)` holds `con
 (the model's config with the format's `quantization_config`), `hf_quant_config.json`
 (ModelOpt format only), the weights as `model.safetensors` (or shards and
 `model.safetensors.index.json` beyond `max_shard_size`), `generation_config.json` and the
-tokenizer files where given, and `qcompile_serving.json`: the recipe, the example call and every
-calibrated amax, which `load_checkpoint` needs to rebuild the prepared model exactly (the
+tokenizer files where given, and `qcompile_serving.json`: the recipe, the example call, every
+calibrated amax and searched weight scales (`Quantizer.scale_amax`), which `load_checkpoint` needs to rebuild the prepared model exactly (the
 engines ignore it). Each quantized Linear is stored packed with its scales, exactly the element
 values and scales of the model's own fake quantization (`qcompile.core.weights`), so the
 served weights dequantize bit for bit to the weights the model was calibrated / trained with;
@@ -419,6 +419,8 @@ def _sidecar(prepared: PreparedModel, config, format: str, causal_lm: bool) -> d
                 for e in site_quantizers(prepared)
                 if e.quantizer.calibrated and not e.quantizer.spec.dynamic},
         disabled=[e.path for e in site_quantizers(prepared) if not e.quantizer.enabled],
+        stored_scales={e.path: e.quantizer.scale_amax.detach().float().cpu().tolist()
+                       for e in site_quantizers(prepared) if e.quantizer.scale_amax is not None},
     )
     return entry
 
@@ -484,6 +486,8 @@ def _load_into(prepared: PreparedModel, tensors: dict[str, torch.Tensor], entry:
         entries[path].quantizer.set_amax(torch.tensor(amax, dtype=torch.float32))
     for path in entry["disabled"]:
         entries[path].quantizer.enabled = False
+    for path, scale_amax in entry.get("stored_scales", {}).items():  # searched weight scales
+        entries[path].quantizer.set_scale_amax(torch.tensor(scale_amax, dtype=torch.float32))
     from qcompile.algorithms.calibrate import tie_fused_ranges
 
     tie_fused_ranges(prepared)  # learned ranges of fused layers: one shared parameter again
@@ -507,7 +511,9 @@ def _load_into(prepared: PreparedModel, tensors: dict[str, torch.Tensor], entry:
             _check_input_scale(prepared, site, scale, format)
             target = params[name]
             dequantized = wq.dequantize().to(target.dtype)
-            target.copy_(wq.latent(quantizer.spec.format).to(target.dtype))  # int4: amax back
+            latent = wq.dequantize() if quantizer.scale_amax is not None else wq.latent(
+                quantizer.spec.format)  # int4's dynamic scales: each block's amax put back
+            target.copy_(latent.to(target.dtype))
             loaded.add(name)
             if not torch.equal(quantizer(target), dequantized):
                 target.copy_(dequantized)

@@ -137,7 +137,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bo
     Checks the quantizer specs recorded in the state dict's metadata (where it has them), the
     keys (when `strict`) and the tensor shapes; a quantizer's amax may change shape (an
     uncalibrated quantizer takes a calibrated amax), and a quantizer takes a SmoothQuant
-    `pre_scale` it does not have yet. `PreparedModel.load_state_dict` runs it
+    `pre_scale` or searched weight scales (`scale_amax`) it does not have yet. `PreparedModel.load_state_dict` runs it
     first, so a refused state dict loads nothing.
     """
     quantizers = _quantizer_labels(model)
@@ -154,8 +154,9 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bo
     if strict:
         for key in sorted(set(expected) - set(state_dict)):
             problems.append(f"{key}: missing from the state dict")
-        smoothing = {f"{path}.pre_scale" for path in quantizers}  # an unsmoothed model takes one
-        for key in sorted(set(state_dict) - set(expected) - smoothing):
+        # An unsmoothed model takes a pre_scale, a quantizer without stored scales takes them.
+        taken = {f"{path}.{name}" for path in quantizers for name in ("pre_scale", "scale_amax")}
+        for key in sorted(set(state_dict) - set(expected) - taken):
             problems.append(f"{key}: in the state dict only, not in this model")
     amax_keys = {f"{path}.amax" for path in quantizers}
     for key in expected.keys() & state_dict.keys():

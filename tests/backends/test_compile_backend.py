@@ -115,7 +115,7 @@ def test_compiled_ste_gradient_equals_the_contract_at_the_edges(fmt, static):
     torch._dynamo.reset()
     amax = torch.tensor(2.0) if static else None
     fmt_info = qc.get_format(fmt)
-    ratio = fmt_info.element.min_value / fmt_info.element.max_value
+    ratio = fmt_info.element.min_value / fmt_info.divisor  # the grid's bottom: -8/7.5 for int4
     lo = 2.0 * ratio if fmt in ("int8", "int4") else -2.0
     x = _edge_values(lo, 2.0)
     block = 16 if fmt == "int4" else None  # the others: their own blocks, or none

@@ -492,3 +492,30 @@ def test_an_auto_recipe_exports_as_mixed_precision_and_round_trips(format, tmp_p
     ids = _ids(3, 11, seed=7)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, qlm(ids).logits)
+
+
+@pytest.mark.parametrize(("recipe", "format"), [("int4", "compressed-tensors"),
+                                                ("nvfp4", "modelopt")])
+def test_searched_weight_scales_round_trip_exactly(recipe, format, tmp_path):
+    # calibrate(weight_scales="mse") stores each weight quantizer's scales: the serving
+    # checkpoint holds them packed (and in the sidecar), hf.save_quantized in the state dict.
+    qlm = hf.prepare_causal_lm(_float_model(), RECIPES[recipe])
+    qc.calibrate(qlm, [{"input_ids": _ids(seed=s)} for s in range(2)], progress=False,
+                 weight_scales="mse")
+    stored = {n: q.scale_amax for n, q in qlm.prepared.named_modules()
+              if isinstance(q, qc.Quantizer) and q.scale_amax is not None}
+    assert len(stored) == 14
+    ids = _ids(3, 11, seed=7)
+    with torch.no_grad():
+        expected = qlm(ids).logits
+    hf.export_checkpoint(qlm, tmp_path / "served", format)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every weight quantizer stays on
+        served = hf.load_checkpoint(tmp_path / "served")
+    hf.save_quantized(qlm, tmp_path / "saved")
+    saved = hf.load_quantized(tmp_path / "saved")
+    for loaded in (served, saved):
+        quantizers = dict(loaded.prepared.named_modules())
+        assert all(torch.equal(quantizers[n].scale_amax, s) for n, s in stored.items())
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, expected)
