@@ -75,6 +75,8 @@ def _quantized(model, recipe, calibration, variant, example, num_gptq):
     args, kwargs = example
     ptq = qc.prepare(copy.deepcopy(model), recipe, example_inputs=args, example_kwargs=kwargs)
     qc.calibrate(ptq, calibration, method="max", progress=False, weight_scales=SEARCH.get(variant))
+    if not num_gptq:
+        return ptq, None
     gptq = copy.deepcopy(ptq)
     qc.gptq(gptq, num_gptq, progress=False)
     return ptq, gptq
@@ -92,15 +94,16 @@ def run_gpt(args) -> list[dict]:
 
     rows = []
     for fmt in args.formats:
-        for variant in VARIANTS[fmt]:
+        for variant in [v for v in VARIANTS[fmt] if not args.variants or v in args.variants]:
             started = time.perf_counter()
             with scale_rule(variant):
                 ptq, gptq = _quantized(model, fmt, calibration, variant, ((inputs[0],), None),
                                        inputs[: args.gptq_batches])
                 row = {"model": "char-GPT", "format": fmt, "variant": variant,
-                       "metric": f"val CE over float ({float_loss:.4f})",
-                       "PTQ": loss(ptq), "GPTQ": loss(gptq)}
-                if args.qad_steps and fmt != "int8":
+                       "metric": f"val CE over float ({float_loss:.4f})", "PTQ": loss(ptq)}
+                if gptq is not None:
+                    row["GPTQ"] = loss(gptq)
+                if args.qad_steps and gptq is not None and fmt != "int8":
                     qad = copy.deepcopy(gptq)
                     distiller = qc.Distiller(copy.deepcopy(model), qad, temperature=1.0)
                     qc.train(qad, [w[:, :-1] for w in qad_data], steps=args.qad_steps,
@@ -125,14 +128,16 @@ def run_minilm(args) -> list[dict]:
 
     rows = []
     for fmt in args.formats:
-        for variant in VARIANTS[fmt]:
+        for variant in [v for v in VARIANTS[fmt] if not args.variants or v in args.variants]:
             started = time.perf_counter()
             with scale_rule(variant):
                 ptq, gptq = _quantized(model, fmt, calibration, variant, ((), calibration[0]),
                                        batches[: args.gptq_batches])
                 row = {"model": "MiniLM", "format": fmt, "variant": variant,
-                       "metric": "1 - mean cosine", "PTQ": gap(ptq), "GPTQ": gap(gptq)}
-                if args.qad_steps and fmt != "int8":
+                       "metric": "1 - mean cosine", "PTQ": gap(ptq)}
+                if gptq is not None:
+                    row["GPTQ"] = gap(gptq)
+                if args.qad_steps and gptq is not None and fmt != "int8":
                     qad = copy.deepcopy(gptq)
                     distiller = qc.Distiller(copy.deepcopy(model), qad, loss="cosine")
                     qc.train(qad, batches[8:], steps=args.qad_steps, lr=args.minilm_lr,
@@ -166,7 +171,8 @@ def main() -> None:
     parser.add_argument("--qad-steps", type=int, default=30, help="0: no QAD rows")
     parser.add_argument("--lr", type=float, default=4e-3, help="the GPT's QAD lr")
     parser.add_argument("--minilm-lr", type=float, default=2e-5)
-    parser.add_argument("--gptq-batches", type=int, default=8)
+    parser.add_argument("--gptq-batches", type=int, default=8, help="0: no GPTQ (nor QAD) rows")
+    parser.add_argument("--variants", nargs="+", help="only these variants (default: all)")
     parser.add_argument("--gpt-float-steps", type=int, default=600)
     parser.add_argument("--gpt-layers", type=int, default=4)
     parser.add_argument("--gpt-d-model", type=int, default=128)

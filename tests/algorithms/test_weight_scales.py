@@ -157,3 +157,5 @@ def test_onnx_export_stores_the_searched_scales(searched, tmp_path):
     qc.export_onnx(qmodel.eval(), (x,), path, target="onnx")
     report = qc.verify_onnx(qmodel, path, (x,))
     assert report.max_difference == 0.0, report.render()
+    weights = [row for row in report.rows if row.label.endswith("(weight)")]
+    assert len(weights) == 2 and all(row.size > 0 for row in weights), report.render()
