@@ -9,7 +9,9 @@ GPTQ-rounded and evaluated (GPTQ), then distilled from the float model for `--qa
 - `default`: the library's defaults (int4: amax / 7.5);
 - `mse`: `qc.calibrate(..., weight_scales="mse")` (clipping ratio per block/channel/tensor by
   weight MSE; NVFP4/MXFP4 also the block max mapped to 4);
-- `4over6`: `weight_scales="four_over_six"` (NVFP4/MXFP4: per block, max mapped to 6 or 4).
+- `4over6`: `weight_scales="four_over_six"` (NVFP4/MXFP4: per block, max mapped to 6 or 4);
+- `output`: `weight_scales="output"` (the `mse` candidates, errors weighed per input column
+  by the input's mean square: the diagonal of GPTQ's Hessian).
 
 Metrics, lower is better: char-GPT validation cross-entropy over float; MiniLM 1 - mean
 cosine to the float embeddings on held-out docstrings.
@@ -42,15 +44,15 @@ from qcompile.demo.run import embed, fidelity, text_batches
 
 #: format -> variants measured (the first is the baseline of the "x before" column).
 VARIANTS = {
-    "int4": ("amax/7", "default", "mse"),
-    "w4a8": ("amax/7", "default", "mse"),
-    "nvfp4": ("default", "mse", "4over6"),
-    "mxfp4": ("default", "mse", "4over6"),
+    "int4": ("amax/7", "default", "mse", "output"),
+    "w4a8": ("amax/7", "default", "mse", "output"),
+    "nvfp4": ("default", "mse", "4over6", "output"),
+    "mxfp4": ("default", "mse", "4over6", "output"),
     "int8": ("default", "amax/127.5", "mse"),
 }
 #: variant -> (format row name, scale_divisor) swapped for the run.
 DIVISORS = {"amax/7": ("int4", None), "amax/127.5": ("int8", 127.5)}
-SEARCH = {"mse": "mse", "4over6": "four_over_six"}
+SEARCH = {"mse": "mse", "4over6": "four_over_six", "output": "output"}
 
 
 @contextlib.contextmanager

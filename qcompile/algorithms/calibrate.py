@@ -85,7 +85,8 @@ def calibrate(
         weight_scales: None (weight scales from the weights themselves, as the recipe says),
             or a search whose scales the weight quantizers then store
             (`qcompile.algorithms.weight_scales.search_weight_scales`): "mse" (clipping ratio
-            per block/channel/tensor, and NVFP4/MXFP4 blocks' max mapped to 4 or 6) or
+            per block/channel/tensor, and NVFP4/MXFP4 blocks' max mapped to 4 or 6), "output"
+            (the same, errors weighed by the inputs' mean square per column) or
             "four_over_six" (NVFP4/MXFP4 only). Measured in bench/RESULTS.md (#25).
 
     Runs in eval mode under `torch.no_grad()` and restores every module's train/eval mode.

@@ -201,6 +201,20 @@ def _merge_across_ranks(model: nn.Module, targets: list[_Target]) -> None:
             target.hessian = None
 
 
+def input_hessians(
+    model: nn.Module, data: CalibrationData, num_batches: int | None = None,
+    progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """H = X^T X / rows of the input of every quantized Linear site GPTQ would round (summed
+    over ranks when distributed), keyed by `id()` of the site's weight quantizer; sites that
+    saw no data are absent. The output-aware error of a weight change dW is tr(dW H dW^T)."""
+    targets = _targets(model)
+    _record_hessians(model, targets, data, num_batches, progress)
+    if is_distributed():
+        _merge_across_ranks(model, targets)
+    return {id(t.quantizer): t.hessian.float() / t.rows for t in targets if t.hessian is not None}
+
+
 def gptq(
     model: nn.Module,
     data: CalibrationData,

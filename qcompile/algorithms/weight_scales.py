@@ -18,13 +18,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qcompile.algorithms.data import CalibrationData, eval_mode, run_data
+from qcompile.algorithms.gptq import input_hessians
 from qcompile.core import numerics
 from qcompile.core.formats import ElementKind, QuantFormat, ScaleKind, get_format
 from qcompile.core.quantizer import Quantizer
 from qcompile.passes.sites import site_quantizers
 
 #: What `search_weight_scales` (and `calibrate(weight_scales=...)`) accepts.
-METHODS = ("mse", "four_over_six")
+METHODS = ("mse", "output", "four_over_six")
 #: Clipping ratios of the "mse" search (the data's own amax, 1.0, first: ties keep it).
 CLIP_RATIOS = (1.0, *(round(0.5 + 0.02 * i, 2) for i in range(25)))
 #: An amax 1.5x the block max maps the max to 4 of E2M1's 6 (four over six).
@@ -44,6 +45,7 @@ def candidate_ratios(fmt: QuantFormat, method: str) -> tuple[float, ...]:
                    and fmt.block_size is not None)
     if check_method(method) == "four_over_six":
         return (1.0, FOUR_OVER_SIX) if e2m1_blocks else ()
+    # "mse" and "output" try the same amaxes; they differ in how errors are weighed
     return CLIP_RATIOS + ((FOUR_OVER_SIX,) if e2m1_blocks else ())
 
 
@@ -60,9 +62,12 @@ def searchable(quantizer: Quantizer) -> str | None:
 
 
 def search_scale_amax(weight: torch.Tensor, quantizer: Quantizer,
-                      ratios: tuple[float, ...]) -> torch.Tensor:
+                      ratios: tuple[float, ...],
+                      column_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per scale of `quantizer`, the amax among `ratios` x the weight's own amax with the
-    least squared error of the quantized weight, shaped as `Quantizer.scale_amax` stores it."""
+    least squared error of the quantized weight (each column's error times
+    `column_weights[column]` where given: the input's mean square, for the output-aware
+    error), shaped as `Quantizer.scale_amax` stores it."""
     spec = quantizer.spec
     fmt = get_format(spec.format)
     block = fmt.resolve_block_size(spec.block_size)
@@ -89,6 +94,8 @@ def search_scale_amax(weight: torch.Tensor, quantizer: Quantizer,
         else:
             quantized = numerics.fake_quantize(w, global_amax, fmt, block, candidate)
         error = (quantized - w).square()
+        if column_weights is not None:
+            error = error * column_weights
         if block is not None:
             error = numerics.to_blocks(error, block).sum(dim=-1, keepdim=True)
         elif spec.axis is not None:
@@ -122,7 +129,10 @@ def search_weight_scales(
             quantizer its weight.
         method: "mse": per scale the clipping ratio in {0.50, 0.52, ..., 1.00} of the weight's
             own amax with the least squared error of the quantized weight, plus, for NVFP4 and
-            MXFP4, 1.5 (the block max mapped to 4 instead of 6). "four_over_six": NVFP4/MXFP4
+            MXFP4, 1.5 (the block max mapped to 4 instead of 6). "output": the same amaxes,
+            each column's error weighed by the mean square of the input it multiplies (the
+            diagonal of GPTQ's Hessian, from `num_batches` of data; weights outside Linear
+            sites GPTQ handles fall back to "mse"). "four_over_six": NVFP4/MXFP4
             only, per block the lower error of mapping its max to 6 or to 4.
 
     Every searched quantizer stores its scales (`Quantizer.scale_amax`, which replaces any
@@ -151,11 +161,16 @@ def search_weight_scales(
     finally:
         for handle in handles:
             handle.remove()
+    moments = {}
+    if method == "output":
+        moments = {key: torch.diagonal(h) for key, h in
+                   input_hessians(model, data, num_batches).items()}
     searched = []
     for path in tqdm(list(seen), desc="weight scales", unit="weight", disable=not progress):
         quantizer = targets[path]
         ratios = candidate_ratios(get_format(quantizer.spec.format), method)
+        columns = moments.get(id(quantizer))
         with torch.no_grad():
-            quantizer.set_scale_amax(search_scale_amax(seen[path], quantizer, ratios))
+            quantizer.set_scale_amax(search_scale_amax(seen[path], quantizer, ratios, columns))
         searched.append(path)
     return searched
