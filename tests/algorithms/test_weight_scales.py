@@ -159,3 +159,29 @@ def test_onnx_export_stores_the_searched_scales(searched, tmp_path):
     assert report.max_difference == 0.0, report.render()
     weights = [row for row in report.rows if row.label.endswith("(weight)")]
     assert len(weights) == 2 and all(row.size > 0 for row in weights), report.render()
+
+
+def test_output_aware_search_weighs_columns_by_their_inputs():
+    # One input column 30x the others: the output-aware choice loses less on X (W - Q)^T than
+    # the plain weight-MSE choice, which in turn loses less weight MSE.
+    spec, w = SPECS["nvfp4"], _weight()
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(2))
+    x[:, 3] *= 30
+    quantizer = Quantizer(spec)
+    ratios = candidate_ratios(get_format(spec.format), "output")
+    chosen = {}
+    for name, columns in (("mse", None), ("output", x.square().mean(0))):
+        quantizer.set_scale_amax(search_scale_amax(w, quantizer, ratios, columns))
+        chosen[name] = quantizer(w)
+    output_error = {n: (x @ (q - w).T).square().sum() for n, q in chosen.items()}
+    weight_error = {n: (q - w).square().sum() for n, q in chosen.items()}
+    assert output_error["output"] < output_error["mse"]
+    assert weight_error["mse"] < weight_error["output"]
+
+
+def test_calibrate_output_search_stores_scales_at_every_linear():
+    qmodel = _prepared("nvfp4")
+    qc.calibrate(qmodel, _batches(), weight_scales="output", progress=False)
+    stored = {n: tuple(q.scale_amax.shape) for n, q in qmodel.named_modules()
+              if isinstance(q, Quantizer) and q.scale_amax is not None}
+    assert stored == {"up.weight_quantizer": (128, 4), "down.weight_quantizer": (64, 8)}
