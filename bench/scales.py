@@ -151,6 +151,34 @@ def run_minilm(args) -> list[dict]:
     return rows
 
 
+def clamp_check() -> None:
+    """int4 on MiniLM's Linear weights: where each block max lands under amax / 7.5, the max
+    element's error, and the summed weight MSE of amax / 7, amax / 7.5 and a sign-aware scale
+    (max on +7 or -8 exactly, as a static per-block amax)."""
+    from qcompile.core import numerics
+
+    model, _ = minilm.load()
+    int4 = formats.FORMATS["int4"]
+    rules = {"amax/7": dataclasses.replace(int4, scale_divisor=None), "amax/7.5": int4}
+    totals = dict.fromkeys([*rules, "sign-aware"], 0.0)
+    on_edge = blocks = 0
+    for linear in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+        w = linear.weight.detach().float()
+        b = numerics.to_blocks(w, 128)
+        amax, index = b.abs().max(-1, keepdim=True)
+        negative = b.gather(-1, index) < 0
+        for name, fmt in rules.items():
+            totals[name] += float((numerics.to_blocks(numerics.fake_quantize(w, None, fmt, 128), 128)
+                                   - b).square().sum())
+        values, _ = numerics.quantize(w, None, int4, 128)
+        top = values.gather(-1, index)
+        on_edge += int(((top == 7) & ~negative).sum() + ((top == -8) & negative).sum())
+        signed = numerics.fake_quantize(w, torch.where(negative, amax * 7.5 / 8, amax), int4, 128)
+        totals["sign-aware"] += float((numerics.to_blocks(signed, 128) - b).square().sum())
+        blocks += amax.numel()
+    print(json.dumps({"blocks": blocks, "max on +7 or -8": on_edge, "weight MSE sums": totals}))
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | format | variant | PTQ | GPTQ | QAD | PTQ x baseline |",
              "|---|---|---|---|---|---|---|"]
@@ -186,9 +214,14 @@ def main() -> None:
     parser.add_argument("--save-rows", type=Path)
     parser.add_argument("--from-rows", type=Path, nargs="+", help="run nothing: table from rows")
     parser.add_argument("--write", action="store_true", help="put the table in bench/RESULTS.md")
+    parser.add_argument("--clamp-check", action="store_true",
+                        help="run only the int4 block-max count and weight MSE on MiniLM")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.clamp_check:
+        clamp_check()
+        return
     if args.from_rows:
         rows = [row for path in args.from_rows for row in json.loads(path.read_text())]
     else:
