@@ -38,7 +38,7 @@ from qcompile.core.formats import get_format
 from qcompile.core.numerics import amax_scale
 from qcompile.core.quantizer import Quantizer
 from qcompile.core.weights import WeightQuantization, quantize_weight
-from qcompile.hf.checkpoint import quantization_config
+from qcompile.hf.checkpoint import prepared_parts, quantization_config
 from qcompile.hf.serving_formats import (
     FORMATS,
     MODELOPT,
@@ -76,31 +76,6 @@ INDEX = "model.safetensors.index.json"
 
 
 # ----------------------------------------------------------------------------- the model side
-
-
-def _unwrap(qmodel: nn.Module, config) -> tuple[nn.Module, Any, Any, bool]:
-    """(prepared model, config, generation config, wrap as a QuantizedCausalLM on load)."""
-    if isinstance(qmodel, transformers.PreTrainedModel) and isinstance(
-        getattr(qmodel, "prepared", None), PreparedModel
-    ):  # a QuantizedCausalLM
-        return qmodel.prepared, qmodel.config, qmodel.generation_config, True
-    if getattr(qmodel, "qcompile_blocks", None) is not None:  # the user's class, block-wise
-        config = config if config is not None else getattr(qmodel, "config", None)
-        generation_config = getattr(qmodel, "generation_config", None)
-    elif not isinstance(qmodel, PreparedModel) or model_sites(qmodel) is None:
-        raise TypeError(
-            f"export_checkpoint takes a model from qcompile.hf.prepare_causal_lm or "
-            f"qcompile.prepare (then calibrated or trained), got {type(qmodel).__name__}: "
-            "prepare and calibrate it first"
-        )
-    else:
-        generation_config = None
-    if not isinstance(config, transformers.PretrainedConfig):
-        raise TypeError(
-            "export_checkpoint needs the float model's config for a PreparedModel: write "
-            "export_checkpoint(qmodel, directory, config=model.config)"
-        )
-    return qmodel, config, generation_config, False
 
 
 def _checkpoint_modules(prepared: nn.Module, config) -> dict[str, str]:
@@ -429,7 +404,8 @@ def export_checkpoint(
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: choose one of {', '.join(map(repr, FORMATS))}")
-    prepared, config, generation_config, causal_lm = _unwrap(qmodel, config)
+    prepared, config, generation_config, causal_lm = prepared_parts(
+        qmodel, config, "export_checkpoint")
     directory = Path(directory)
     _check_directory(directory, overwrite)
     shard_bytes = _parse_size(max_shard_size)
