@@ -42,7 +42,7 @@ from qcompile.blocks import (
 )
 from qcompile.core.quantizer import Quantizer
 from qcompile.input_check import InputSignature
-from qcompile.passes.attention import decompose_sdpa, positional_operands
+from qcompile.passes.attention import decompose_sdpa, positional_operands, scale_query
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.capture import CaptureError, capture, site_operand_problem
 from qcompile.passes.devices import retarget_devices
@@ -224,7 +224,7 @@ def quantize_graph(
     """Put the recipe's quantizers into a captured graph (in place): canonicalize, match,
     decompose the quantized attention where the recipe quantizes its products
     (`Recipe.attention="products"`; by default query, key and value are quantized in front of
-    the fused op), insert. Returns every site.
+    the fused op, the attention scale moved onto the query first), insert. Returns every site.
 
     `prepare` runs it on torch.export's graph; the `qcompile` torch.compile backend on the
     graph dynamo captured. A site whose operands cannot be quantized raises a `CaptureError`.
@@ -238,11 +238,12 @@ def quantize_graph(
     if problem is not None:
         raise CaptureError(f"cannot capture {model_name}: {problem}")
     kv_cache = insert_quantizers(gm, kv_cache_sites(gm, recipe))  # in front of the fused op
-    if recipe.attention == "products":
-        attention = _quantized_attention(sites)
-        if attention:
-            decompose_sdpa(gm, attention)
-            sites = _assign(find_sites(gm), recipe, prefix)
+    attention = _quantized_attention(sites)
+    if attention and recipe.attention == "products":
+        decompose_sdpa(gm, attention)
+        sites = _assign(find_sites(gm), recipe, prefix)
+    elif attention:  # "qkv": the query quantizer sees q * scale, as TensorRT quantizes it
+        scale_query(gm, attention)
     return insert_quantizers(gm, sites) + kv_cache
 
 
