@@ -141,15 +141,16 @@ def bench_gpt(args) -> list[Row]:
         if args.init == "gptq":
             row.values["GPTQ"] = char_gpt.perplexity(start, val_windows)
 
-        qat = copy.deepcopy(start)
-        qc.train(NextByteLoss(qat), qat_data, steps=args.steps, lr=args.lr)
-        row.values["QAT"] = char_gpt.perplexity(qat, val_windows)
-
-        qad = copy.deepcopy(start)
-        distiller = qc.Distiller(copy.deepcopy(model), qad, temperature=1.0)
-        qc.train(qad, [w[:, :-1] for w in qat_data], steps=args.steps, lr=args.lr,
-                 distiller=distiller)
-        row.values["QAD"] = char_gpt.perplexity(qad, val_windows)
+        if "QAT" in args.methods:
+            qat = copy.deepcopy(start)
+            qc.train(NextByteLoss(qat), qat_data, steps=args.steps, lr=args.lr)
+            row.values["QAT"] = char_gpt.perplexity(qat, val_windows)
+        if "QAD" in args.methods:
+            qad = copy.deepcopy(start)
+            distiller = qc.Distiller(copy.deepcopy(model), qad, temperature=1.0)
+            qc.train(qad, [w[:, :-1] for w in qat_data], steps=args.steps, lr=args.lr,
+                     distiller=distiller)
+            row.values["QAD"] = char_gpt.perplexity(qad, val_windows)
         rows.append(row)
         print(json.dumps({"model": row.model, "fmt": fmt, "float": float_ppl, **row.values}))
     return rows
@@ -207,14 +208,16 @@ def bench_minilm(args) -> list[Row]:
         if args.init == "gptq":
             results["GPTQ"] = start
 
-        qat = copy.deepcopy(start)
-        qc.train(ContrastiveLoss(qat), pairs, steps=args.steps, lr=args.minilm_lr)
-        results["QAT"] = qat
-
-        qad = copy.deepcopy(start)
-        distiller = qc.Distiller(copy.deepcopy(model), qad, loss="cosine")
-        qc.train(qad, distill_batches, steps=args.steps, lr=args.minilm_lr, distiller=distiller)
-        results["QAD"] = qad
+        if "QAT" in args.methods:
+            qat = copy.deepcopy(start)
+            qc.train(ContrastiveLoss(qat), pairs, steps=args.steps, lr=args.minilm_lr)
+            results["QAT"] = qat
+        if "QAD" in args.methods:
+            qad = copy.deepcopy(start)
+            distiller = qc.Distiller(copy.deepcopy(model), qad, loss="cosine")
+            qc.train(qad, distill_batches, steps=args.steps, lr=args.minilm_lr,
+                     distiller=distiller)
+            results["QAD"] = qad
         for method, quantized in results.items():
             quantized.eval()
             score = fidelity(reference, embed(quantized, evaluation, method))
@@ -245,7 +248,7 @@ def markdown(rows: list[Row], args, seconds: float) -> str:
         v = r.values
         lines.append(
             f"| {r.model} | {r.fmt} | {r.metric} | {r.float_value:.4f} | {v['PTQ']:.4f} | "
-            f"{value(v, 'GPTQ')} | {v['QAT']:.4f} | {v['QAD']:.4f} | {closed(r, 'GPTQ')} | "
+            f"{value(v, 'GPTQ')} | {value(v, 'QAT')} | {value(v, 'QAD')} | {closed(r, 'GPTQ')} | "
             f"{closed(r, 'QAT')} | {closed(r, 'QAD')} | {'GPTQ' if r.init == 'gptq' else 'PTQ'} |"
         )
     lines.append("")
@@ -306,6 +309,8 @@ def main() -> None:
     parser.add_argument("--minilm-attn", choices=["sdpa", "eager"], default="sdpa",
                         help="MiniLM's attention implementation (eager: explicit matmuls, "
                              "quantized as both products whatever --attention says)")
+    parser.add_argument("--methods", nargs="*", default=["QAT", "QAD"], choices=["QAT", "QAD"],
+                        help="training methods to run after PTQ (and GPTQ with --init gptq)")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of QAT and of QAD")
     parser.add_argument("--lr", type=float, default=4e-3, help="peak lr of the GPT's QAT and QAD")
     parser.add_argument("--minilm-lr", type=float, default=2e-5)
