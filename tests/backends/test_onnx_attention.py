@@ -5,12 +5,14 @@ fixed-scale Q/DQ on P, checked against ml_dtypes."""
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_tensorrt import FakeTensorRT
 from onnx.reference import ReferenceEvaluator
 from references import ml_dtypes_fake_quantize
 from torch import nn
@@ -18,6 +20,8 @@ from torch import nn
 import qcompile as qc
 from qcompile.backends.onnx.ort import onnxruntime_session
 from qcompile.backends.onnx.rules import inspect_onnx
+from qcompile.backends.tensorrt import engine as trt_backend
+from qcompile.cli import main
 
 HEADS, WIDTH = 2, 32
 
@@ -117,9 +121,20 @@ def test_qkv_export_is_tensorrt_attention_pattern_with_the_models_numbers(fmt, c
 
 
 @pytest.mark.parametrize("fmt, causal", [("int8", True), pytest.param("fp8", False, marks=SLOW)])
-def test_quantize_softmax_rounds_p_with_amax_one(fmt, causal, tmp_path):
+def test_quantize_softmax_rounds_p_with_amax_one(fmt, causal, tmp_path, monkeypatch, capsys):
     prepared, model = _export(fmt, causal, tmp_path / "a.onnx", quantize_softmax=True)
     assert inspect_onnx(model).warnings == []
+    # `qcompile build --strict` (no fusion warning) builds it, strongly typed, with the fake
+    # TensorRT module of tests/backends.
+    fake = FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "_device_capability", lambda: None)
+    shapes = [f"x:1x8x{WIDTH},2x8x{WIDTH},4x8x{WIDTH}", "mask:1x8,2x8,4x8"]
+    shapes = [shape for shape in shapes if shape.split(":")[0] in
+              {i.name for i in model.graph.input}]
+    assert main(["build", str(tmp_path / "a.onnx"), "--strict", "--no-progress",
+                 *[arg for shape in shapes for arg in ("--shape", shape)]]) == 0, capsys.readouterr()
+    assert fake.called("Builder")
     producers = _producers(model)
     (dq,) = [n for n in model.graph.node if n.name.endswith("_p_dequantize")]
     probs = producers[dq.input[0]].input[0]  # P, or P after the NaN guard
