@@ -32,19 +32,27 @@ from torch.utils import _pytree as pytree
 
 from qcompile.blocks import (
     BlockError,
+    CacheSlot,
     TensorCache,
-    cache_argument,
+    cache_slot,
     call_key,
     find_blocks,
     layer_index,
+    put_cache,
     read_past,
     record_calls,
+    take_cache,
 )
 from qcompile.core.quantizer import Quantizer
 from qcompile.input_check import InputSignature
 from qcompile.passes.attention import decompose_sdpa, positional_operands
 from qcompile.passes.canonicalize import canonicalize
-from qcompile.passes.capture import CaptureError, capture, site_operand_problem
+from qcompile.passes.capture import (
+    CacheOutputError,
+    CaptureError,
+    capture,
+    site_operand_problem,
+)
 from qcompile.passes.devices import retarget_devices
 from qcompile.passes.insert import insert_quantizers
 from qcompile.passes.kv_cache import kv_cache_sites
@@ -177,9 +185,10 @@ def prepare(
             its sites are named by their full path (`model.layers.3.mlp.down_proj`), and the
             Linear layers outside the blocks stay float (listed in a `PrepareWarning`).
             "auto" (default): block-wise for models whose repeated blocks (the longest
-            `ModuleList` of one class holding Linear layers) receive a KV cache object in the
-            example call (Hugging Face decoders called with `use_cache` at its default), the
-            whole model as one graph otherwise.
+            `ModuleList` of one class holding matmul weights: Linear, GPT-2's Conv1D,
+            experts) receive a KV cache object in the example call, by keyword or position
+            (Hugging Face decoders called with `use_cache` at its default), the whole model
+            as one graph otherwise.
 
     Static quantizers (the activations of int8, fp8, nvfp4, w4a8) need
     `qcompile.calibrate` before the first forward pass.
@@ -202,7 +211,16 @@ def prepare(
                                        dict(example_kwargs or {}), dynamic, blocks)
         if blockwise is not None:
             return blockwise
-    gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
+    try:
+        gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
+    except CacheOutputError as error:
+        found = _blocks_with_cache(model, tuple(example_inputs), dict(example_kwargs or {}))
+        if blocks is None and found:
+            raise CacheOutputError(
+                f"{error} Or leave blocks at 'auto' (the default): it prepares {found} block "
+                "by block and keeps the cache."
+            ) from error
+        raise
     inputs = InputSignature.record(
         model, tuple(example_inputs), dict(example_kwargs or {}), dynamic
     )
@@ -418,10 +436,10 @@ class PreparedBlock(PreparedModel):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         info = self.qcompile_block
-        name = cache_argument(kwargs)
-        cache = kwargs.pop(name) if name is not None else None
+        slot = cache_slot(args, kwargs)
+        args, kwargs, cache = take_cache(args, kwargs, slot)
         past = None if cache is None else read_past(cache, info.layer_idx)
-        key = (name, call_key(args, kwargs, past))
+        key = (slot, call_key(args, kwargs, past))
         variant = info.variants.get(key)
         if variant is None:
             if torch.compiler.is_compiling():
@@ -430,7 +448,7 @@ class PreparedBlock(PreparedModel):
                     "be captured while torch.export / torch.compile trace the model: call the "
                     "model once eagerly with the same arguments (e.g. use_cache=False) first"
                 )
-            variant = self._capture_variant(key, args, kwargs, past, name)
+            variant = self._capture_variant(key, args, kwargs, past, slot)
         run = variant.forward or type(self).graph_forward
         flat = run(self, *pytree.tree_leaves((args, kwargs, past)))
         output, new = pytree.tree_unflatten(list(flat), variant.out_spec)
@@ -439,7 +457,7 @@ class PreparedBlock(PreparedModel):
         return output
 
     def _capture_variant(
-        self, key: tuple, args: tuple, kwargs: dict, past: tuple | None, cache_name: str | None
+        self, key: tuple, args: tuple, kwargs: dict, past: tuple | None, slot: CacheSlot | None
     ) -> _Variant:
         info = self.qcompile_block
         if len(info.variants) >= _MAX_VARIANTS:
@@ -448,16 +466,20 @@ class PreparedBlock(PreparedModel):
                 "structures (constants, None or not, sizes 0 and 1); each needs its own graph. "
                 "Call it consistently, or prepare with blocks=None"
             )
-        meta = pytree.tree_map(
-            lambda x: torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x,
-            (args, kwargs, past),
-        )
+        structure = _float_block(info.template, self)
+        call = (args, kwargs, past)
+        if structure is None:  # the block's weights are not all here (or on meta): no values
+            structure = info.template
+            call = pytree.tree_map(
+                lambda x: torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor)
+                else x, call)
         # own saved-tensor hooks: an activation checkpoint's must not count the capture's
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            gm, out_spec = _capture_block(info.template, *meta, cache_name, info.dynamic)
+            gm, out_spec = _capture_block(structure, *call, slot, info.dynamic)
         sites = quantize_graph(gm, info.recipe, type(info.template).__name__, info.path)
         bind_training_mode(gm)
-        retarget_devices(gm, torch.device("meta"), _device(self) or torch.device("cpu"))
+        if structure is info.template:
+            retarget_devices(gm, torch.device("meta"), _device(self) or torch.device("cpu"))
         mine = {(s.name, r): p for s in self.qcompile_sites for r, p in s.quantizers.items()}
         theirs = {(s.name, r): p for s in sites for r, p in s.quantizers.items()}
         if mine != theirs:
@@ -478,8 +500,8 @@ class PreparedBlock(PreparedModel):
                 continue
             value = _attribute(gm, node.target)
             name = f"qcompile_variant{index}_{node.target.replace('.', '_')}"
-            if isinstance(value, nn.Module):
-                self.add_module(name, value.to(_device(self) or "cpu"))
+            if isinstance(value, nn.Module):  # training switches: in this block's mode
+                self.add_module(name, value.to(_device(self) or "cpu").train(self.training))
             elif isinstance(value, torch.Tensor):
                 if value.device.type == "meta":
                     raise BlockError(
@@ -500,6 +522,22 @@ class PreparedBlock(PreparedModel):
         return variant
 
 
+def _float_block(template: nn.Module, block: nn.Module) -> nn.Module | None:
+    """The float block `template` (on the meta device) with `block`'s own parameters and
+    buffers, shared (not copied); None where `block` lacks one of them, holds it on the meta
+    device or sharded. Captured with real tensors, the constants a block makes in forward (Falcon's
+    index tensors) get their values."""
+    own = dict(block.named_parameters())
+    own.update(block.named_buffers())
+    memo: dict[int, Any] = {}
+    for name, tensor in [*template.named_parameters(), *template.named_buffers()]:
+        real = own.get(name)
+        if real is None or real.is_meta or type(real) not in (torch.Tensor, nn.Parameter):
+            return None  # a sharded (DTensor) parameter is no whole weight to capture with
+        memo[id(tensor)] = real
+    return copy.deepcopy(template, memo)
+
+
 def _own_graph_only(variants: dict[tuple, _Variant]) -> dict[tuple, _Variant]:
     """The variants that run the block's own graph; the others are captured again in use."""
     return {key: variant for key, variant in variants.items() if variant.forward is None}
@@ -513,27 +551,28 @@ def _attribute(module: nn.Module, target: str) -> Any:
 def _block_call(self: nn.Module, args: tuple, kwargs: dict, past: tuple | None) -> tuple:
     """The forward that a block is captured with: its own call, with a `TensorCache` holding
     `past` in place of the KV cache; returns (output, the new keys and values or None)."""
-    name = self.qcompile_cache_name
-    if name is None:
+    slot = self.qcompile_cache_slot
+    if slot is None:
         return type(self).forward(self, *args, **kwargs), None
     cache = TensorCache(past)
-    output = type(self).forward(self, *args, **kwargs, **{name: cache})
+    args, kwargs = put_cache(args, kwargs, slot, cache)
+    output = type(self).forward(self, *args, **kwargs)
     return output, cache.new
 
 
 def _capture_block(
-    block: nn.Module, args: tuple, kwargs: dict, past: tuple | None, cache_name: str | None,
+    block: nn.Module, args: tuple, kwargs: dict, past: tuple | None, slot: CacheSlot | None,
     dynamic: bool,
 ) -> tuple[fx.GraphModule, Any]:
     """Capture `block` (its tensors shared, not copied) called with (args, kwargs) and the
     cache replaced by a `TensorCache`; returns the graph module, taking the flat leaves of
     (args, kwargs, past) positionally, and the structure of its (output, new k/v)."""
-    block.qcompile_cache_name = cache_name
+    block.qcompile_cache_slot = slot
     block.forward = types.MethodType(_block_call, block)
     try:
         gm = capture(block, (args, kwargs, past), {}, dynamic=dynamic, share_tensors=True)
     finally:
-        del block.forward, block.qcompile_cache_name
+        del block.forward, block.qcompile_cache_slot
     codegen = gm.graph._codegen
     out_spec = codegen.pytree_info.out_spec
     gm.graph._codegen = fx.graph.CodeGen()
@@ -553,19 +592,27 @@ def _graph_for(
     graph._codegen = copy.deepcopy(template.graph._codegen)
     own = {n for n, _ in block.named_parameters()} | {n for n, _ in block.named_buffers()}
     root = nn.Module()
+    constants = []  # tensors the graph made (Falcon's index tensors), not the block's state
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
             value = _attribute(block if node.target in own else template, node.target)
+            owner = node.target.rpartition(".")[0]
+            if node.op == "get_attr" and node.target not in own and not isinstance(
+                    template.get_submodule(owner) if owner else template, Quantizer):
+                constants.append(node.target)
             if copy_modules and isinstance(value, Quantizer) and not value.calibrated:
                 value = Quantizer(value.spec).to(value.amax.device)  # fresh: cheaper than a copy
             elif copy_modules and isinstance(value, nn.Module):
                 value = copy.deepcopy(value)
             _put(root, node.target, value)
     gm = fx.GraphModule(root, graph)
-    for name, _ in block.named_buffers():  # GraphModule registers every buffer as persistent
+    # GraphModule registers every buffer as persistent: keep the block's own non-persistent
+    # ones so, and the constants out of state_dict
+    for name in [*(n for n, _ in block.named_buffers() if _is_non_persistent(block, n)),
+                 *constants]:
         owner, _, leaf = name.rpartition(".")
         module = gm.get_submodule(owner) if owner else gm
-        if leaf in _non_persistent(block, name):
+        if leaf in module._buffers:
             module._non_persistent_buffers_set.add(leaf)
     return gm
 
@@ -580,9 +627,9 @@ def _same_specs(sites: list[Site], path: str, other: str, recipe: Recipe) -> boo
                for a, b in zip(mine, theirs))
 
 
-def _non_persistent(block: nn.Module, name: str) -> set[str]:
-    owner = name.rpartition(".")[0]
-    return (block.get_submodule(owner) if owner else block)._non_persistent_buffers_set
+def _is_non_persistent(block: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf in (block.get_submodule(owner) if owner else block)._non_persistent_buffers_set
 
 
 def _put(root: nn.Module, target: str, value: Any) -> None:
@@ -634,7 +681,7 @@ def _prepare_blockwise(
         if blocks == "auto":
             return None
         raise
-    if blocks == "auto" and not any(cache_argument(kw) for _, kw, _ in calls.values()):
+    if blocks == "auto" and all(cache_slot(a, kw) is None for a, kw, _ in calls.values()):
         return None
     root = copy.deepcopy(model)
     captured: dict[tuple, tuple[fx.GraphModule, Any]] = {}
@@ -642,12 +689,12 @@ def _prepare_blockwise(
     for path in paths:
         block = root.get_submodule(path)
         block_args, block_kwargs, past = calls[path]
-        name = cache_argument(block_kwargs)
-        graph_kwargs = {k: v for k, v in block_kwargs.items() if k != name}
-        key = (name, call_key(block_args, graph_kwargs, past))
+        slot = cache_slot(block_args, block_kwargs)
+        graph_args, graph_kwargs, _ = take_cache(block_args, block_kwargs, slot)
+        key = (slot, call_key(graph_args, graph_kwargs, past))
         if (type(block), key) not in captured:
             captured[type(block), key] = _capture_block(
-                block, block_args, graph_kwargs, past, name, dynamic)
+                block, graph_args, graph_kwargs, past, slot, dynamic)
         template, out_spec = captured[type(block), key]
         first = quantized.get((type(block), key))
         if first is not None and _same_specs(first[1].qcompile_sites, first[0], path, recipe):
@@ -659,7 +706,10 @@ def _prepare_blockwise(
             sites = quantize_graph(gm, recipe, type(block).__name__, path)
             bind_training_mode(gm)
             meta = _meta_copy(block)
-        inputs = InputSignature.record(block, block_args, graph_kwargs, dynamic)
+        # the cache is no input the signature checks; a positional one stays as a placeholder
+        inputs = InputSignature.record(block, *put_cache(graph_args, graph_kwargs, slot, None)
+                                       if isinstance(slot, int) else (graph_args, graph_kwargs),
+                                       dynamic)
         inputs.check_constants = False
         inputs.names = tuple(
             n for n, p in inspect.signature(block.forward).parameters.items()
@@ -684,6 +734,19 @@ def _prepare_blockwise(
     _warn_float_outside(root.qcompile_outside)
     _warn_nothing_quantized(model, sites)
     return root
+
+
+def _blocks_with_cache(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """The glob of the blocks that `blocks="auto"` prepares one by one with their KV cache
+    (e.g. 'transformer.h.*'), or None where it would not."""
+    paths = find_blocks(model, "auto")
+    try:
+        calls = record_calls(model, paths, args, kwargs) if paths else {}
+    except Exception:  # noqa: BLE001 - then "auto" does not prepare block-wise either
+        return None
+    if all(cache_slot(a, kw) is None for a, kw, _ in calls.values()):
+        return None
+    return f"'{paths[0].rpartition('.')[0]}.*'" if "." in paths[0] else "'*'"
 
 
 #: Why a Linear outside the blocks is float, where the recipe would quantize it.
