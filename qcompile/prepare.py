@@ -129,12 +129,16 @@ def _check_call(module: PreparedModel, args: tuple, kwargs: dict) -> None:
 
 def _as_prepared(
     gm: fx.GraphModule, sites: list[Site], recipe: Recipe, inputs: InputSignature, source: str,
-    base: type[PreparedModel] = PreparedModel,
+    base: type[PreparedModel] = PreparedModel, compiled: bool = False,
 ) -> PreparedModel:
-    class GraphModuleImpl(base):  # GraphModule installs forward on a per-instance class
-        pass
+    """Make `gm` a prepared model (of a per-instance subclass of `base`, as GraphModule
+    installs forward per instance) with its attributes; `compiled`: `gm` is one already and
+    runs the code its class inherits (a block sharing another's code)."""
+    if not compiled:
+        class GraphModuleImpl(base):  # GraphModule installs forward on a per-instance class
+            pass
 
-    gm.__class__ = GraphModuleImpl
+        gm.__class__ = GraphModuleImpl
     # ExportedProgram.module() insists that each argument comes exactly as in the example
     # (positional or keyword); the generated forward binds them by name, so let it.
     for key, hook in list(gm._forward_pre_hooks.items()):
@@ -150,7 +154,8 @@ def _as_prepared(
     if base is PreparedModel:
         inputs.fix_dims(gm)
     gm.register_forward_pre_hook(_check_call, with_kwargs=True)
-    gm.recompile()
+    if not compiled:
+        gm.recompile()
     if base is PreparedModel:
         inputs.names = tuple(  # how the prepared forward binds positional arguments
             name for name, parameter in inspect.signature(gm.forward).parameters.items()
@@ -371,6 +376,8 @@ def _quantized_attention(sites: list[Site]) -> set[str]:
 
 #: A block called with more structures than this is refused (each needs its own graph).
 _MAX_VARIANTS = 8
+#: Set on a copied graph (and its block's class) whose code the block inherits, not compiles.
+_SHARED_CODE = "qcompile_shared_code"
 
 
 @dataclass
@@ -414,6 +421,10 @@ class PreparedBlock(PreparedModel):
     qcompile_block: BlockInfo
 
     def recompile(self):
+        code = self._graph.__dict__.pop(_SHARED_CODE, None)
+        if code is not None:  # a node-for-node copy of the graph whose code cls inherits
+            self._code, self._lineno_map, self._prologue_start = code
+            return None
         result = super().recompile()
         cls = type(self)  # GraphModule just installed the graph's code as cls.forward
         generated = cls.__dict__.get("forward")
@@ -585,11 +596,15 @@ def _graph_for(
 ) -> fx.GraphModule:
     """A copy of `template`'s graph reading `block`'s parameters and buffers; the rest
     (constants the graph made, and with `copy_modules` copies of its quantizers and
-    training switches) comes from `template`."""
+    training switches) comes from `template`. A `template` whose class shares its code
+    (`_share_code`) gives a module of that class, which runs the code without compiling it."""
     graph = fx.Graph()
     output = graph.graph_copy(template.graph, {})
     graph.output(output)
     graph._codegen = copy.deepcopy(template.graph._codegen)
+    shared = next((c for c in type(template).__mro__ if _SHARED_CODE in c.__dict__), None)
+    if shared is not None:  # graph_copy keeps every node's name: the code is the same
+        setattr(graph, _SHARED_CODE, shared.__dict__[_SHARED_CODE])
     own = {n for n, _ in block.named_parameters()} | {n for n, _ in block.named_buffers()}
     root = nn.Module()
     constants = []  # tensors the graph made (Falcon's index tensors), not the block's state
@@ -605,7 +620,7 @@ def _graph_for(
             elif copy_modules and isinstance(value, nn.Module):
                 value = copy.deepcopy(value)
             _put(root, node.target, value)
-    gm = fx.GraphModule(root, graph)
+    gm = (shared or fx.GraphModule)(root, graph)
     # GraphModule registers every buffer as persistent: keep the block's own non-persistent
     # ones so, and the constants out of state_dict
     for name in [*(n for n, _ in block.named_buffers() if _is_non_persistent(block, n)),
@@ -615,6 +630,18 @@ def _graph_for(
         if leaf in module._buffers:
             module._non_persistent_buffers_set.add(leaf)
     return gm
+
+
+def _share_code(block: PreparedBlock) -> None:
+    """Let copies of `block`'s graph (`_graph_for`) run the code it was compiled to: its class
+    becomes the code's holder, owned by no instance (a block recompiling after its graph
+    changed installs its code on its own class, never on this one)."""
+    code = (block._code, block._lineno_map, block._prologue_start)
+    # nn.Module's call: GraphModule's call wrapper calls the next class's, which would be
+    # this one's again for a block that recompiled into its own class
+    holder = type("PreparedBlockCode", (type(block),),
+                  {_SHARED_CODE: code, "__call__": nn.Module.__call__})
+    block.__class__ = type("GraphModuleImpl", (holder,), {})
 
 
 def _same_specs(sites: list[Site], path: str, other: str, recipe: Recipe) -> bool:
@@ -714,7 +741,10 @@ def _prepare_blockwise(
         inputs.names = tuple(
             n for n, p in inspect.signature(block.forward).parameters.items()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-        prepared = _as_prepared(gm, sites, recipe, inputs, type(block).__name__, PreparedBlock)
+        prepared = _as_prepared(gm, sites, recipe, inputs, type(block).__name__, PreparedBlock,
+                                compiled=isinstance(gm, PreparedBlock))
+        if first is None:
+            _share_code(prepared)
         info = BlockInfo(path, layer_index(block, path), meta, recipe, dynamic,
                          {key: _Variant(out_spec)})
         prepared.meta[_PRESERVED]["qcompile_block"] = info

@@ -56,6 +56,10 @@ def test_auto_prepares_a_decoder_with_its_cache_block_by_block(llama, blockwise)
     # the graph is traced once per block class: the others reuse its code with their weights
     codes = {layer.code for layer in blockwise.model.layers}
     assert len(codes) == 1
+    # ... compiled once: every block runs one function, which its own graph generates
+    assert len({type(layer).graph_forward for layer in blockwise.model.layers}) == 1
+    assert all(layer.graph.python_code("self").src == layer.code
+               for layer in blockwise.model.layers)
     weights = [layer.get_parameter("mlp.down_proj.weight") for layer in blockwise.model.layers]
     assert weights[0].data_ptr() != weights[1].data_ptr()
 
