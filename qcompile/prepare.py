@@ -376,8 +376,10 @@ def _quantized_attention(sites: list[Site]) -> set[str]:
 
 #: A block called with more structures than this is refused (each needs its own graph).
 _MAX_VARIANTS = 8
-#: Set on a copied graph (and its block's class) whose code the block inherits, not compiles.
+#: On the holder class of a block class's code (and, while a block is made, on its graph).
 _SHARED_CODE = "qcompile_shared_code"
+#: Set on a block that runs its holder class's graph, not yet a copy of its own.
+_GRAPH_SHARED = "_qcompile_graph_shared"
 
 
 @dataclass
@@ -419,6 +421,20 @@ class PreparedBlock(PreparedModel):
     block; `qcompile.passes.sites.model_sites(model)` names them from the model's root."""
 
     qcompile_block: BlockInfo
+
+    @property
+    def graph(self) -> fx.Graph:
+        """The block's graph; one shared with the other blocks of its class is copied first,
+        so that a pass changing it changes this block alone."""
+        if self.__dict__.pop(_GRAPH_SHARED, False):
+            self._graph = _copy_graph(self._graph)
+            self._graph.owning_module = self
+        return self._graph
+
+    @graph.setter
+    def graph(self, graph: fx.Graph) -> None:
+        self.__dict__.pop(_GRAPH_SHARED, None)
+        fx.GraphModule.graph.fset(self, graph)
 
     def recompile(self):
         code = self._graph.__dict__.pop(_SHARED_CODE, None)
@@ -598,12 +614,11 @@ def _graph_for(
     (constants the graph made, and with `copy_modules` copies of its quantizers and
     training switches) comes from `template`. A `template` whose class shares its code
     (`_share_code`) gives a module of that class, which runs the code without compiling it."""
-    graph = fx.Graph()
-    output = graph.graph_copy(template.graph, {})
-    graph.output(output)
-    graph._codegen = copy.deepcopy(template.graph._codegen)
     shared = next((c for c in type(template).__mro__ if _SHARED_CODE in c.__dict__), None)
-    if shared is not None:  # graph_copy keeps every node's name: the code is the same
+    if shared is None:
+        graph = _copy_graph(template.graph)
+    else:  # the class's graph, copied when first asked for (`PreparedBlock.graph`)
+        graph = shared.qcompile_graph
         setattr(graph, _SHARED_CODE, shared.__dict__[_SHARED_CODE])
     own = {n for n, _ in block.named_parameters()} | {n for n, _ in block.named_buffers()}
     root = nn.Module()
@@ -621,6 +636,9 @@ def _graph_for(
                 value = copy.deepcopy(value)
             _put(root, node.target, value)
     gm = (shared or fx.GraphModule)(root, graph)
+    if shared is not None:
+        graph.owning_module = None  # the class's, no block's
+        gm.__dict__[_GRAPH_SHARED] = True
     # GraphModule registers every buffer as persistent: keep the block's own non-persistent
     # ones so, and the constants out of state_dict
     for name in [*(n for n, _ in block.named_buffers() if _is_non_persistent(block, n)),
@@ -633,15 +651,26 @@ def _graph_for(
 
 
 def _share_code(block: PreparedBlock) -> None:
-    """Let copies of `block`'s graph (`_graph_for`) run the code it was compiled to: its class
-    becomes the code's holder, owned by no instance (a block recompiling after its graph
-    changed installs its code on its own class, never on this one)."""
+    """Let the blocks made from `block` (`_graph_for`) run its graph and the code it was
+    compiled to: its class becomes their holder, owned by no instance. A block gets its own
+    copy of the graph when first asked for it, and its own class when it recompiles (after
+    its graph changed), so nothing it does reaches the others."""
     code = (block._code, block._lineno_map, block._prologue_start)
     # nn.Module's call: GraphModule's call wrapper calls the next class's, which would be
     # this one's again for a block that recompiled into its own class
-    holder = type("PreparedBlockCode", (type(block),),
-                  {_SHARED_CODE: code, "__call__": nn.Module.__call__})
+    holder = type("PreparedBlockCode", (type(block),), {
+        _SHARED_CODE: code, "qcompile_graph": block._graph, "__call__": nn.Module.__call__})
     block.__class__ = type("GraphModuleImpl", (holder,), {})
+    block._graph.owning_module = None
+    block.__dict__[_GRAPH_SHARED] = True
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A node-for-node copy of `graph` (names kept: it generates the same code)."""
+    copied = fx.Graph()
+    copied.output(copied.graph_copy(graph, {}))
+    copied._codegen = copy.deepcopy(graph._codegen)
+    return copied
 
 
 def _same_specs(sites: list[Site], path: str, other: str, recipe: Recipe) -> bool:
