@@ -795,6 +795,51 @@ def _prepare_blockwise(
     return root
 
 
+def one_graph(
+    model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None
+) -> tuple[PreparedModel, tuple, dict[str, Any]]:
+    """A block-wise prepared `model` as one graph, for what must trace the whole model
+    (`qcompile.export_onnx` calls it): the model's float structure with the blocks' own
+    tensors (shared, not copied) prepared with `blocks=None` and the model's recipe, loaded
+    with its quantizer state. Returns it and the call to trace it with: the example call, with
+    `use_cache=False` added where the forward takes `use_cache` (one graph carries no cache).
+    The two compute the same numbers (`tests/test_blocks.py`); the graph's quantizers are its
+    own, named as the model's.
+    """
+    paths = getattr(model, "qcompile_blocks", None)
+    if not paths:
+        raise ValueError(f"{type(model).__name__} is not prepared block by block")
+    memo: dict[int, Any] = {}
+    for path in paths:
+        block = model.get_submodule(path)
+        float_block = _float_block(block.qcompile_block.template, block)
+        if float_block is None:
+            raise BlockError(
+                f"block {path} cannot be rebuilt as a float block with its own weights (they "
+                "are on the meta device or sharded, or the float block holds tensors its graph "
+                "does not use): give the model its weights (to_empty + load_state_dict; gather "
+                "FSDP shards) before tracing it as one graph, or prepare it with blocks=None"
+            )
+        memo[id(block)] = float_block
+    for tensor in [*model.parameters(), *model.buffers()]:  # the rest shared too
+        memo.setdefault(id(tensor), tensor)
+    float_model = copy.deepcopy(model, memo)
+    for name in ("qcompile_recipe", "qcompile_model_class", "qcompile_inputs",
+                 "qcompile_blocks", "qcompile_outside"):
+        float_model.__dict__.pop(name, None)
+    float_model._load_state_dict_pre_hooks.clear()
+    kwargs = dict(example_kwargs or {})
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs.setdefault("use_cache", False)
+    with warnings.catch_warnings():  # prepare's warnings were given when `model` was prepared
+        warnings.simplefilter("ignore", PrepareWarning)
+        whole = prepare(float_model, model.qcompile_recipe, tuple(example_inputs), kwargs,
+                        dynamic=model.qcompile_inputs.dynamic, blocks=None)
+    whole.load_state_dict(model.state_dict())
+    whole.train(model.training)
+    return whole, tuple(example_inputs), kwargs
+
+
 def _blocks_with_cache(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
     """The glob of the blocks that `blocks="auto"` prepares one by one with their KV cache
     (e.g. 'transformer.h.*'), or None where it would not."""

@@ -198,3 +198,28 @@ def test_regional_compilation_of_each_block_computes_the_same(llama, blockwise):
             layer.compile(backend="qcompile")
         got = qmodel(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # two captures of the whole model (export, verify) and an ONNX export
+def test_export_onnx_of_a_blockwise_model_computes_its_numbers(tmp_path, blockwise):
+    """export_onnx traces the block-wise model as one graph: onnxruntime (optimizations off)
+    gives the model's logits at another batch size and length, and each quantizer's Q/DQ
+    equals the quantizer exactly."""
+    ort = pytest.importorskip("onnxruntime")
+    before = {k: v.clone() for k, v in blockwise.state_dict().items()}
+    path = qc.export_onnx(blockwise, (), tmp_path / "llama.onnx",
+                          example_kwargs={"input_ids": _ids()}, dynamic_sequence=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids"]
+    for batch, length, seed in ((2, 8, 1), (3, 13, 5)):
+        ids = _ids(batch, length, seed)
+        with torch.no_grad():
+            want = blockwise(input_ids=ids).logits
+        got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0])
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    report = qc.verify_onnx(blockwise, path, example_kwargs={"input_ids": _ids()})
+    assert report.passed and report.max_difference == 0, report.render()
+    assert all(isinstance(layer, PreparedBlock) for layer in blockwise.model.layers)
+    assert all(torch.equal(v, before[k]) for k, v in blockwise.state_dict().items())
