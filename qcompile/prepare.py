@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import itertools
 import types
 import warnings
 from collections.abc import Callable, Iterable
@@ -376,6 +377,8 @@ def _quantized_attention(sites: list[Site]) -> set[str]:
 
 #: A block called with more structures than this is refused (each needs its own graph).
 _MAX_VARIANTS = 8
+#: Numbers the attributes of graphs captured in use (unique in the process).
+_VARIANT_IDS = itertools.count()
 #: On the holder class of a block class's code (and, while a block is made, on its graph).
 _SHARED_CODE = "qcompile_shared_code"
 #: Set on a block that runs its holder class's graph, not yet a copy of its own.
@@ -385,11 +388,14 @@ _GRAPH_SHARED = "_qcompile_graph_shared"
 @dataclass
 class _Variant:
     """One captured graph of a block, for one call structure (`qcompile.blocks.call_key`).
-    `forward` None: the block's own graph; else generated code run against the block."""
+    `forward` None: the block's own graph; else generated code run against the block, which
+    reads the block's weights and quantizers and `extras` (constants and training switches,
+    installed on each block of the class that runs it: `PreparedBlock._install`)."""
 
     out_spec: Any
     forward: Callable | None = None
     graph: fx.Graph | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def __deepcopy__(self, memo):  # never changed once made; copies drop captured ones
         return self
@@ -399,7 +405,9 @@ class _Variant:
 class BlockInfo:
     """What a `PreparedBlock` needs besides its graph: its path in the model, the KV-cache
     layer it reads, the float block on the meta device (to capture a new call structure), the
-    recipe, and its graphs by call structure."""
+    recipe, and its graphs by call structure (one dict shared by the blocks of a class that
+    share their graph: a structure met in use is captured once for all of them), and those
+    whose extras this block holds."""
 
     path: str
     layer_idx: int
@@ -407,6 +415,7 @@ class BlockInfo:
     recipe: Recipe
     dynamic: bool
     variants: dict[tuple, _Variant] = field(default_factory=dict)
+    installed: set[tuple] = field(default_factory=set)
 
 
 class PreparedBlock(PreparedModel):
@@ -451,14 +460,14 @@ class PreparedBlock(PreparedModel):
 
     def __deepcopy__(self, memo):
         copied = super().__deepcopy__(memo)
-        copied.qcompile_block.variants = _own_graph_only(copied.qcompile_block.variants)
+        _drop_captured(copied.qcompile_block)
         return copied
 
     def _apply(self, fn, recurse=True):
         before = _device(self)
         result = super()._apply(fn, recurse)
         if _device(self) != before:  # graphs captured in use hold the old device
-            self.qcompile_block.variants = _own_graph_only(self.qcompile_block.variants)
+            _drop_captured(self.qcompile_block)
         return result
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -476,6 +485,8 @@ class PreparedBlock(PreparedModel):
                     "model once eagerly with the same arguments (e.g. use_cache=False) first"
                 )
             variant = self._capture_variant(key, args, kwargs, past, slot)
+        elif variant.forward is not None and key not in info.installed:
+            self._install(key, variant)
         run = variant.forward or type(self).graph_forward
         flat = run(self, *pytree.tree_leaves((args, kwargs, past)))
         output, new = pytree.tree_unflatten(list(flat), variant.out_spec)
@@ -517,7 +528,8 @@ class PreparedBlock(PreparedModel):
             )
         weights = {n for n, _ in info.template.named_parameters()}
         weights |= {n for n, _ in info.template.named_buffers()}
-        index = len(info.variants)
+        index = next(_VARIANT_IDS)
+        extras: dict[str, Any] = {}
         for node in gm.graph.nodes:
             if node.op == "call_module" and node.target in theirs.values():
                 continue  # the block's own quantizer of that site and role
@@ -526,27 +538,44 @@ class PreparedBlock(PreparedModel):
             if node.op not in ("call_module", "get_attr"):
                 continue
             value = _attribute(gm, node.target)
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                raise BlockError(
+                    f"block {info.path}: a new call structure needs the tensor constant "
+                    f"{node.target} that the block creates in forward, which cannot be "
+                    "captured without weights; prepare with an example call like this one"
+                )
             name = f"qcompile_variant{index}_{node.target.replace('.', '_')}"
-            if isinstance(value, nn.Module):  # training switches: in this block's mode
-                self.add_module(name, value.to(_device(self) or "cpu").train(self.training))
-            elif isinstance(value, torch.Tensor):
-                if value.device.type == "meta":
-                    raise BlockError(
-                        f"block {info.path}: a new call structure needs the tensor constant "
-                        f"{node.target} that the block creates in forward, which cannot be "
-                        "captured without weights; prepare with an example call like this one"
-                    )
-                self.register_buffer(name, value, persistent=False)
-            else:
-                setattr(self, name, value)
+            extras[name] = value
             node.target = name
         code = gm.graph.python_code("self")
         namespace = dict(code.globals)
-        source = compile(code.src, f"<qcompile {info.path} variant {index}>", "exec")
+        source = compile(code.src, f"<qcompile {type(info.template).__name__} variant {index}>",
+                         "exec")
         exec(source, namespace)  # noqa: S102 - FX's own generated code, as GraphModule does
-        variant = _Variant(out_spec, namespace["forward"], gm.graph)
+        variant = _Variant(out_spec, namespace["forward"], gm.graph, extras)
+        self._install(key, variant)
         info.variants[key] = variant
         return variant
+
+    def _install(self, key: tuple, variant: _Variant) -> None:
+        """Give this block its own copies of what `variant`'s code reads besides the block's
+        weights and quantizers: training switches (in this block's mode), constants."""
+        info = self.qcompile_block
+        if torch.compiler.is_compiling():
+            raise BlockError(
+                f"block {info.path} has not run this call structure yet, which it must once "
+                "before torch.export / torch.compile trace it: call the model once eagerly "
+                "with the same arguments first"
+            )
+        device = _device(self) or torch.device("cpu")
+        for name, value in variant.extras.items():
+            if isinstance(value, nn.Module):
+                self.add_module(name, copy.deepcopy(value).to(device).train(self.training))
+            elif isinstance(value, torch.Tensor):
+                self.register_buffer(name, value.to(device), persistent=False)
+            else:
+                setattr(self, name, value)
+        info.installed.add(key)
 
 
 def _float_block(template: nn.Module, block: nn.Module) -> nn.Module | None:
@@ -565,9 +594,11 @@ def _float_block(template: nn.Module, block: nn.Module) -> nn.Module | None:
     return copy.deepcopy(template, memo)
 
 
-def _own_graph_only(variants: dict[tuple, _Variant]) -> dict[tuple, _Variant]:
-    """The variants that run the block's own graph; the others are captured again in use."""
-    return {key: variant for key, variant in variants.items() if variant.forward is None}
+def _drop_captured(info: BlockInfo) -> None:
+    """Keep only the variants that run the block's own graph (a copied or moved block
+    captures the others again, for itself)."""
+    info.variants = {key: v for key, v in info.variants.items() if v.forward is None}
+    info.installed = set()
 
 
 def _attribute(module: nn.Module, target: str) -> Any:
@@ -762,20 +793,22 @@ def _prepare_blockwise(
             sites = quantize_graph(gm, recipe, type(block).__name__, path)
             bind_training_mode(gm)
             meta = _meta_copy(block)
-        # the cache is no input the signature checks; a positional one stays as a placeholder
-        inputs = InputSignature.record(block, *put_cache(graph_args, graph_kwargs, slot, None)
-                                       if isinstance(slot, int) else (graph_args, graph_kwargs),
+        # the cache is no input the signature checks (a positional one keeps its place)
+        kept = slot if isinstance(slot, int) else None
+        inputs = InputSignature.record(block, *put_cache(graph_args, graph_kwargs, kept, None),
                                        dynamic)
         inputs.check_constants = False
         inputs.names = tuple(
             n for n, p in inspect.signature(block.forward).parameters.items()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        shares = isinstance(gm, PreparedBlock)  # the first such block's graph and code
         prepared = _as_prepared(gm, sites, recipe, inputs, type(block).__name__, PreparedBlock,
-                                compiled=isinstance(gm, PreparedBlock))
+                                compiled=shares)
         if first is None:
             _share_code(prepared)
-        info = BlockInfo(path, layer_index(block, path), meta, recipe, dynamic,
-                         {key: _Variant(out_spec)})
+        # graphs captured in use: once for all the blocks that share a graph
+        variants = first[1].qcompile_block.variants if shares else {key: _Variant(out_spec)}
+        info = BlockInfo(path, layer_index(block, path), meta, recipe, dynamic, variants)
         prepared.meta[_PRESERVED]["qcompile_block"] = info
         prepared.qcompile_block = info
         prepared.train(block.training)

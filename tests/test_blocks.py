@@ -142,6 +142,10 @@ def test_generate_with_the_kv_cache_gives_the_tokens_without_it(family, recipe):
         torch.testing.assert_close(logits, qmodel(input_ids=cached[:, :-1]).logits,
                                    rtol=0, atol=1e-5)
     assert torch.equal(cached, uncached)
+    # the structures met in use (decode with a past, no cache) were captured once for all
+    infos = [m.qcompile_block for m in qmodel.modules() if isinstance(m, PreparedBlock)]
+    assert len({id(info.variants) for info in infos}) == 1
+    assert any(v.forward is not None for v in infos[0].variants.values())
     torch.testing.assert_close(logits[:, prompt.shape[1] - 1:].argmax(-1),
                                cached[:, prompt.shape[1]:])
 
