@@ -552,6 +552,7 @@ class PreparedBlock(PreparedModel):
         source = compile(code.src, f"<qcompile {type(info.template).__name__} variant {index}>",
                          "exec")
         exec(source, namespace)  # noqa: S102 - FX's own generated code, as GraphModule does
+        gm.graph.owning_module = None  # the capture's module holds this block's weights
         variant = _Variant(out_spec, namespace["forward"], gm.graph, extras)
         self._install(key, variant)
         info.variants[key] = variant
