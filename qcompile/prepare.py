@@ -10,9 +10,11 @@ graph included), and saves and loads every quantizer in `state_dict()`.
 Block-wise (`blocks=`), it prepares each repeated block as its own `PreparedBlock` graph and
 puts it back in place in a copy of the model: the result is the user's own class, its code
 outside the blocks untouched. A `PreparedBlock` runs one captured graph per call structure
-(captured once per block class and reused with each block's weights; a new structure, such as
-the decode steps of a KV cache, is captured when first met) and feeds a Hugging Face KV cache
-(`qcompile.blocks`). It knows nothing of numerics (quantizers do) or of backends.
+(captured and compiled once per block class, and run by each block with its own weights and
+quantizers; a new structure, such as the decode steps of a KV cache, is captured when first
+met, once for the class) and feeds a Hugging Face KV cache (`qcompile.blocks`); `one_graph`
+gives a block-wise model as one graph for what traces the whole model (ONNX export). It
+knows nothing of numerics (quantizers do) or of backends.
 """
 
 from __future__ import annotations
