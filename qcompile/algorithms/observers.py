@@ -210,7 +210,23 @@ def check_percentile(percentile: float) -> float:
     return float(percentile)
 
 
-class PercentileObserver(AmaxObserver):
+class HistogramObserver(AmaxObserver):
+    """An observer whose statistics are a `MagnitudeHistogram` of |x|, per tensor (its
+    subclasses choose the amax from the histogram in `_compute`)."""
+
+    def __init__(self, spec: QuantSpec, name: str, method: str) -> None:
+        super().__init__(spec, name)
+        self._require_per_tensor(method, "method='max' or 'mse'")
+        self.histogram = MagnitudeHistogram()
+
+    def _update(self, x: torch.Tensor) -> None:
+        self.histogram.add(x.float().abs())
+
+    def _merge(self, reduce: Reduce, amax_shape: tuple[int, ...]) -> None:
+        self.histogram.merge(reduce)
+
+
+class PercentileObserver(HistogramObserver):
     """`percentile`: the given percentile of |x| over all batches, per tensor.
 
     Approximation: |x| is accumulated in a `MagnitudeHistogram` of 2048 bins and the percentile
@@ -225,16 +241,8 @@ class PercentileObserver(AmaxObserver):
     def __init__(
         self, spec: QuantSpec, name: str = "quantizer", percentile: float = 99.99
     ) -> None:
-        super().__init__(spec, name)
         self.percentile = check_percentile(percentile)
-        self._require_per_tensor("percentile", "method='max' or 'mse'")
-        self.histogram = MagnitudeHistogram()
-
-    def _update(self, x: torch.Tensor) -> None:
-        self.histogram.add(x.float().abs())
-
-    def _merge(self, reduce: Reduce, amax_shape: tuple[int, ...]) -> None:
-        self.histogram.merge(reduce)
+        super().__init__(spec, name, "percentile")
 
     def _compute(self) -> torch.Tensor:
         counts = self.histogram.counts
@@ -294,7 +302,7 @@ class MseObserver(MaxObserver):
         self._reduce = reduce  # the candidates' errors are summed over ranks in _compute
 
 
-class EntropyObserver(AmaxObserver):
+class EntropyObserver(HistogramObserver):
     """`entropy`: TensorRT's KL-divergence calibration, for int8 per-tensor amax only.
 
     |x| goes into a 2048-bin `MagnitudeHistogram`. For every threshold of i bins
@@ -309,20 +317,12 @@ class EntropyObserver(AmaxObserver):
     _CHUNK = 256  # thresholds evaluated at once (bounds memory to CHUNK x 2048 doubles)
 
     def __init__(self, spec: QuantSpec, name: str = "quantizer") -> None:
-        super().__init__(spec, name)
         if spec.format != "int8":
             raise ValueError(
-                f"entropy (KL) calibration is defined for int8; {self.name} is "
+                f"entropy (KL) calibration is defined for int8; {name} is "
                 f"{spec.format}; use method='max', 'percentile' or 'mse'"
             )
-        self._require_per_tensor("entropy", "method='max' or 'mse'")
-        self.histogram = MagnitudeHistogram()
-
-    def _update(self, x: torch.Tensor) -> None:
-        self.histogram.add(x.float().abs())
-
-    def _merge(self, reduce: Reduce, amax_shape: tuple[int, ...]) -> None:
-        self.histogram.merge(reduce)
+        super().__init__(spec, name, "entropy")
 
     def _compute(self) -> torch.Tensor:
         counts = self.histogram.counts

@@ -50,26 +50,30 @@ CONFIG_NAME = "quantization_config.json"
 QUANT_METHOD = "qcompile"
 
 
-def _unwrap(qmodel: nn.Module, config) -> tuple[nn.Module, Any, Any, bool]:
-    """(prepared model, config, generation config, is a QuantizedCausalLM) of what is saved."""
+def prepared_parts(qmodel: nn.Module, config, caller: str) -> tuple[nn.Module, Any, Any, bool]:
+    """(prepared model, config, generation config, is a `QuantizedCausalLM`) of what `caller`
+    (`save_quantized`, `export_checkpoint`) writes: a `QuantizedCausalLM`, a transformers
+    model prepared block by block, or a `PreparedModel` with the float model's `config`."""
     if isinstance(qmodel, transformers.PreTrainedModel) and isinstance(
         getattr(qmodel, "prepared", None), PreparedModel
     ):  # a QuantizedCausalLM
         return qmodel.prepared, qmodel.config, qmodel.generation_config, True
     if getattr(qmodel, "qcompile_blocks", None) is not None:  # prepared block by block
-        return (qmodel, config if config is not None else getattr(qmodel, "config", None),
-                getattr(qmodel, "generation_config", None), False)
-    if not isinstance(qmodel, PreparedModel):
+        config = config if config is not None else getattr(qmodel, "config", None)
+        generation_config = getattr(qmodel, "generation_config", None)
+    elif not isinstance(qmodel, PreparedModel) or model_sites(qmodel) is None:
         raise TypeError(
-            f"save_quantized takes a model from qcompile.prepare or "
-            f"qcompile.hf.prepare_causal_lm, got {type(qmodel).__name__}"
+            f"{caller} takes a model from qcompile.prepare or qcompile.hf.prepare_causal_lm, "
+            f"got {type(qmodel).__name__}: prepare (and calibrate) it first"
         )
+    else:
+        generation_config = None
     if not isinstance(config, transformers.PretrainedConfig):
         raise TypeError(
-            "save_quantized needs the float model's config for a PreparedModel: write "
-            "save_quantized(qmodel, directory, config=model.config)"
+            f"{caller} needs the float model's config for a PreparedModel: write "
+            f"{caller}(qmodel, directory, config=model.config)"
         )
-    return qmodel, config, None, False
+    return qmodel, config, generation_config, False
 
 
 def _example_inputs(prepared: PreparedModel) -> dict[str, Any]:
@@ -155,7 +159,8 @@ def save_quantized(
 
     Quantizers still calibrating are refused; the model is not changed.
     """
-    prepared, config, generation_config, causal_lm = _unwrap(qmodel, config)
+    prepared, config, generation_config, causal_lm = prepared_parts(
+        qmodel, config, "save_quantized")
     calibrating = [n for n, m in prepared.named_modules()
                    if isinstance(m, Quantizer) and m.observer is not None]
     if calibrating:

@@ -38,7 +38,7 @@ from qcompile.core.formats import get_format
 from qcompile.core.numerics import amax_scale
 from qcompile.core.quantizer import Quantizer
 from qcompile.core.weights import WeightQuantization, quantize_weight
-from qcompile.hf.checkpoint import quantization_config
+from qcompile.hf.checkpoint import prepared_parts, quantization_config
 from qcompile.hf.serving_formats import (
     FORMATS,
     MODELOPT,
@@ -55,7 +55,14 @@ from qcompile.hf.serving_formats import (
     modelopt_configs,
     scheme_of,
 )
-from qcompile.passes.sites import Site, SiteKind, SiteStatus, model_sites, site_quantizers
+from qcompile.passes.sites import (
+    Site,
+    SiteKind,
+    SiteStatus,
+    model_sites,
+    prepared_graphs,
+    site_quantizers,
+)
 from qcompile.prepare import PreparedModel, prepare
 from qcompile.recipe import fused_group, recipe_from_dict
 from qcompile.version import __version__
@@ -71,34 +78,60 @@ INDEX = "model.safetensors.index.json"
 # ----------------------------------------------------------------------------- the model side
 
 
-def _unwrap(qmodel: nn.Module, config) -> tuple[PreparedModel, Any, Any, bool]:
-    """(prepared graph, config, generation config, is a causal LM)."""
-    if isinstance(qmodel, transformers.PreTrainedModel) and isinstance(
-        getattr(qmodel, "prepared", None), PreparedModel
-    ):  # a QuantizedCausalLM
-        return qmodel.prepared, qmodel.config, qmodel.generation_config, True
-    if not isinstance(qmodel, PreparedModel) or model_sites(qmodel) is None:
-        raise TypeError(
-            f"export_checkpoint takes a model from qcompile.hf.prepare_causal_lm or "
-            f"qcompile.prepare (then calibrated or trained), got {type(qmodel).__name__}: "
-            "prepare and calibrate it first"
-        )
-    if not isinstance(config, transformers.PretrainedConfig):
-        raise TypeError(
-            "export_checkpoint needs the float model's config for a PreparedModel: write "
-            "export_checkpoint(qmodel, directory, config=model.config)"
-        )
-    return qmodel, config, None, False
+def _checkpoint_modules(prepared: nn.Module, config) -> dict[str, str]:
+    """Module path in the model -> module path in its checkpoints, for the modules that
+    transformers renames on load (GPT-NeoX's `lm_head` is `embed_out` in checkpoints): engines
+    read the checkpoint names. Models whose checkpoints store weights in another layout
+    (converted on load, such as the fused 3-D experts of MoE models, stored per expert) are
+    refused: writing our layout would give engines weights they cannot find."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    with torch.device("meta"):
+        reference = getattr(transformers, prepared.qcompile_model_class)._from_config(config)
+    state = reference.state_dict()
+    by_identity = {id(t): k for k, t in revert_weight_conversion(reference, dict(state)).items()}
+    renamed: dict[str, str] = {}
+    for key, tensor in state.items():
+        target = by_identity.get(id(tensor))
+        module, _, leaf = key.rpartition(".")
+        if target is None or target.rpartition(".")[2] != leaf:
+            raise InexpressibleError(
+                f"{prepared.qcompile_model_class} stores {key} in checkpoints in another layout "
+                "than in memory (transformers converts it on load; e.g. mixture-of-experts "
+                "weights, fused per layer in memory, stored per expert): export_checkpoint does "
+                "not write that layout yet. Save with qcompile.hf.save_quantized (qcompile "
+                "reloads it), or export ONNX"
+            )
+        if target != key:
+            renamed[module] = target.rpartition(".")[0]
+    return renamed
 
 
-def _weight_name(prepared: PreparedModel, quantizer_path: str) -> str | None:
-    """The parameter a weight quantizer reads directly (a `get_attr` node), else None."""
-    for node in prepared.graph.nodes:
-        if node.op == "call_module" and node.target == quantizer_path:
-            source = node.args[0]
-            if isinstance(source, torch.fx.Node) and source.op == "get_attr":
-                return source.target
-            return None
+def _renamed(name: str, modules: dict[str, str]) -> str:
+    """`name` (a module path or a tensor under one) with its longest prefix in `modules`
+    replaced by what it maps to."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in modules:
+            return ".".join([modules[prefix], *parts[end:]]) if modules[prefix] else \
+                ".".join(parts[end:])
+    return name
+
+
+def _weight_name(prepared: nn.Module, quantizer_path: str) -> str | None:
+    """The parameter a weight quantizer reads directly (a `get_attr` node), by its path in
+    `prepared`; None where it reads it through an op."""
+    for prefix, graph_module in prepared_graphs(prepared):
+        local = quantizer_path[len(prefix) + 1:] if prefix else quantizer_path
+        if prefix and not quantizer_path.startswith(prefix + "."):
+            continue
+        for node in graph_module.graph.nodes:
+            if node.op == "call_module" and node.target == local:
+                source = node.args[0]
+                if isinstance(source, torch.fx.Node) and source.op == "get_attr":
+                    return f"{prefix}.{source.target}" if prefix else source.target
+                return None
     return None
 
 
@@ -185,6 +218,13 @@ def _plan(prepared: PreparedModel) -> _Plan:
 def _layer(prepared: PreparedModel, site: Site, enabled: dict[str, Quantizer]) -> _Layer:
     weight_q, input_q = enabled.get("weight"), enabled.get("input")
     scheme = scheme_of(site.name, weight_q and weight_q.spec, input_q and input_q.spec)
+    if site.expert is not None:
+        raise InexpressibleError(
+            f"{site.name} is one expert of a mixture-of-experts layer ({site.weight}): exporting "
+            "MoE experts to a serving checkpoint is not supported yet. Keep the experts float "
+            "(exclude=['*.experts*']) to export the rest, or save with qc.save / "
+            "hf.save_quantized"
+        )
     name = _weight_name(prepared, site.quantizers["weight"])
     if name is None:
         raise InexpressibleError(
@@ -341,9 +381,10 @@ def export_checkpoint(
     """Write `qmodel` as a quantized Hugging Face checkpoint that serving engines load.
 
     Args:
-        qmodel: a calibrated (or QAT/QAD-trained) `QuantizedCausalLM` from
-            `qcompile.hf.prepare_causal_lm`, or a `PreparedModel` of a transformers model
-            (then pass `config=model.config`).
+        qmodel: a calibrated (or QAT/QAD-trained) transformers model prepared block by
+            block (what `qcompile.prepare` gives for a decoder called with its KV cache), a
+            `QuantizedCausalLM` from `qcompile.hf.prepare_causal_lm`, or a `PreparedModel`
+            of a transformers model (then pass `config=model.config`).
         directory: written whole or not at all (a temporary directory renamed at the end).
         format: "modelopt" (ModelOpt's unified checkpoint: vLLM, SGLang, TensorRT-LLM) or
             "compressed-tensors" (llm-compressor's: vLLM, SGLang).
@@ -355,13 +396,16 @@ def export_checkpoint(
     What each format holds exactly (README: "Serve with vLLM / SGLang / TensorRT-LLM"):
     modelopt: nvfp4 (W4A4 or weight-only), per-tensor fp8, mxfp8, and mixes of nvfp4 and fp8;
     compressed-tensors: those, per-channel fp8, int4 weight-only and int8 too. Anything else
-    (a quantized attention matmul, SmoothQuant, different scales in layers that engines fuse)
-    raises `InexpressibleError` naming what fits; a missing calibration or an unprepared
-    model raises too. Nothing is written then.
+    (a quantized attention matmul, SmoothQuant, different scales in layers that engines fuse,
+    a model whose checkpoints store weights in another layout than it holds them, such as
+    the fused experts of MoE models) raises `InexpressibleError` naming what fits; a missing
+    calibration or an unprepared model raises too. Nothing is written then. Tensors are named
+    as the model's checkpoints name them (modules transformers renames on load included).
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: choose one of {', '.join(map(repr, FORMATS))}")
-    prepared, config, generation_config, causal_lm = _unwrap(qmodel, config)
+    prepared, config, generation_config, causal_lm = prepared_parts(
+        qmodel, config, "export_checkpoint")
     directory = Path(directory)
     _check_directory(directory, overwrite)
     shard_bytes = _parse_size(max_shard_size)
@@ -369,19 +413,21 @@ def export_checkpoint(
         raise ValueError(
             f"{prepared.qcompile_model_class} is not a transformers class; export_checkpoint "
             "writes Hugging Face models")
+    modules = _checkpoint_modules(prepared, config)
     plan = _plan(prepared)
-    schemes = {name: layer.scheme for name, layer in plan.layers.items()}
+    schemes = {_renamed(name, modules): layer.scheme for name, layer in plan.layers.items()}
     check_expressible(format, schemes)
-    tensors = _state(prepared, plan, format)
+    tensors = {_renamed(key, modules): t for key, t in _state(prepared, plan, format).items()}
+    ignore = [_renamed(name, modules) for name in plan.ignore]
     if format == MODELOPT:
-        nested, entry = modelopt_configs(schemes, plan.ignore, bool(plan.kv),
-                                         f"qcompile-{__version__}")
+        nested, entry = modelopt_configs(schemes, ignore, bool(plan.kv), f"qcompile-{__version__}")
     else:
         nested = None
         entry = compressed_tensors_config(
-            {n: (layer.scheme, layer.block_size) for n, layer in plan.layers.items()}, plan.ignore,
-            bool(plan.kv))
+            {_renamed(n, modules): (layer.scheme, layer.block_size)
+             for n, layer in plan.layers.items()}, ignore, bool(plan.kv))
     sidecar = _sidecar(prepared, config, format, causal_lm)
+    sidecar["checkpoint_modules"] = modules
     sidecar["global_scales"] = {  # exact: compressed-tensors stores their reciprocals
         name: float(layer.tensors.weight.global_scale) for name, layer in plan.layers.items()
         if layer.tensors.weight.global_scale is not None}
@@ -429,8 +475,9 @@ def _sidecar(prepared: PreparedModel, config, format: str, causal_lm: bool) -> d
 
 def load_checkpoint(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
     """Rebuild the prepared model that `export_checkpoint` wrote to `directory` (either
-    format), in eval mode on `device`: a `QuantizedCausalLM` or a `PreparedModel`, whose
-    outputs are those of the exported model.
+    format), in eval mode on `device`: the model's own class prepared block by block, a
+    `QuantizedCausalLM` or a `PreparedModel` (as it was exported), whose outputs are those
+    of the exported model.
 
     Weights are decoded from the format's packed tensors (the quantized weights themselves);
     every calibrated range comes from `qcompile_serving.json` and is checked against the
@@ -460,11 +507,13 @@ def load_checkpoint(directory: str | os.PathLike, *, device: str | torch.device 
         kwargs[name] = described["value"] if "value" in described else torch.ones(
             described["shape"], dtype=getattr(torch, described["dtype"]), device=device)
     prepared = prepare(model, recipe_from_dict(entry["recipe"]), example_kwargs=kwargs,
-                       dynamic=entry["dynamic"])
+                       dynamic=entry["dynamic"], blocks=entry.get("blocks"))
     if sorted(s.name for s in model_sites(prepared)) != sorted(entry["sites"]):
         raise ValueError(f"the rebuilt {entry['architecture']} has other sites than the exported "
                          "one; was it exported with another transformers version?")
-    _load_into(prepared, _read_weights(directory), entry, format)
+    internal = {stored: module for module, stored in entry.get("checkpoint_modules", {}).items()}
+    tensors = {_renamed(key, internal): t for key, t in _read_weights(directory).items()}
+    _load_into(prepared, tensors, entry, format)
     prepared.eval()
     if not entry["causal_lm"]:
         return prepared

@@ -492,3 +492,62 @@ def test_an_auto_recipe_exports_as_mixed_precision_and_round_trips(format, tmp_p
     ids = _ids(3, 11, seed=7)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, qlm(ids).logits)
+
+
+def test_a_model_prepared_block_by_block_exports_and_round_trips(tmp_path):
+    """`qc.prepare` of a decoder called with its cache is the user's class, block by block."""
+    model = _float_model()
+    qmodel = qc.prepare(model, RECIPES["nvfp4"], example_kwargs={"input_ids": _ids()})
+    assert isinstance(qmodel, transformers.LlamaForCausalLM) and qmodel.qcompile_blocks
+    qc.calibrate(qmodel, [{"input_ids": _ids(seed=s)} for s in range(2)], progress=False)
+    hf.export_checkpoint(qmodel, tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert stored["model.layers.1.mlp.down_proj.weight"].dtype == torch.uint8  # packed nvfp4
+    assert set(stored) >= {"model.layers.0.self_attn.k_proj.k_scale", "lm_head.weight"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = hf.load_checkpoint(tmp_path)
+    assert type(loaded) is transformers.LlamaForCausalLM and loaded.qcompile_blocks
+    ids = _ids(3, 11, seed=7)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, qmodel(ids).logits)
+        assert torch.equal(loaded.generate(ids, max_new_tokens=3, do_sample=False),
+                           qmodel.generate(ids, max_new_tokens=3, do_sample=False))
+
+
+def test_tensors_carry_the_names_checkpoints_use(tmp_path):
+    """GPT-NeoX's head is `lm_head` in memory and `embed_out` in its checkpoints (transformers
+    renames it on load): engines look for `embed_out`."""
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=100, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+        num_hidden_layers=2)).eval()
+    qmodel = qc.prepare(model, RECIPES["fp8"].with_(kv_cache=None),
+                        example_kwargs={"input_ids": _ids()})
+    qc.calibrate(qmodel, [{"input_ids": _ids()}], progress=False)
+    hf.export_checkpoint(qmodel, tmp_path, "compressed-tensors")
+    stored = load_file(tmp_path / "model.safetensors")
+    assert "embed_out.weight" in stored and "lm_head.weight" not in stored
+    assert "gpt_neox.layers.0.mlp.dense_h_to_4h.weight_scale" in stored
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert "embed_out" in config["ignore"]
+    loaded = hf.load_checkpoint(tmp_path)
+    ids = _ids(2, 9, seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, qmodel(ids).logits)
+
+
+def test_moe_models_are_refused_before_anything_is_written(tmp_path):
+    """Mixtral holds its experts fused per layer; its checkpoints store them per expert."""
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=100, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, num_hidden_layers=1, num_local_experts=4,
+        num_experts_per_tok=2)).eval()
+    recipe = RECIPES["fp8"].with_(kv_cache=None)
+    for exclude in ((), ("*.experts*",)):  # float experts would be misplaced just the same
+        call = {"input_ids": _ids(), "use_cache": False}
+        qmodel = qc.prepare(model, recipe.with_(exclude=exclude), example_kwargs=call)
+        qc.calibrate(qmodel, [call], progress=False)
+        with pytest.raises(hf.InexpressibleError, match="per expert.*save_quantized"):
+            hf.export_checkpoint(qmodel, tmp_path / "out", config=model.config)
+        assert list(tmp_path.iterdir()) == []
