@@ -17,7 +17,8 @@ exactly as without it:
 - torch.distributed is not initialized (FSDP2 writes the gathered weights into the same
   tensors without bumping their version counters, so a change could not be seen).
 
-An entry is reused only while the weight and every buffer and parameter of the quantizer
+An entry is reused only while the value it returned was not written into, and the weight and
+every buffer and parameter of the quantizer
 (`amax`, `pre_scale`, any other state) are the same tensor objects with the same version
 counter, storage address, shape, stride, dtype and device, and the quantizer's `spec` is the
 same object. So optimizer steps, `load_state_dict`, `.to()`, in-place writes under `no_grad`,
@@ -82,11 +83,13 @@ def cached(quantizer: nn.Module, x: torch.Tensor, compute: Callable[[torch.Tenso
     state = _state(quantizer, tensors)
     entry = quantizer.__dict__.get(ENTRY)
     if (entry is not None and entry[1] == state and len(entry[0]) == len(tensors)
-            and all(ref() is t for ref, t in zip(entry[0], tensors))):
+            and all(ref() is t for ref, t in zip(entry[0], tensors))
+            and entry[2]._version == entry[3]):  # nobody wrote into the returned value
         return entry[2]
     drop(quantizer)  # free the old value before computing the new one
-    value = compute(x)
-    quantizer.__dict__[ENTRY] = ([weakref.ref(t) for t in tensors], state, value)
+    with torch.inference_mode(False), torch.no_grad():  # a tensor with a version counter
+        value = compute(x)
+    quantizer.__dict__[ENTRY] = ([weakref.ref(t) for t in tensors], state, value, value._version)
     return value
 
 

@@ -208,6 +208,17 @@ def test_the_output_follows_every_change(spec_name, name):
     assert _check(q, w) is after  # ... and the new value is cached in turn
 
 
+def test_a_caller_writing_into_the_output_does_not_change_the_next_one():
+    w = _weight()
+    q = _quantizer(SPECS["int8 per channel"], w)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            out = q(w)
+            out.mul_(0)
+            torch.testing.assert_close(q(w), _expected(q, w), rtol=0, atol=0)
+            assert q(w) is q(w)
+
+
 def test_never_used_while_gradients_are_needed(spec):
     w = _weight()
     q = _quantizer(spec, w)
