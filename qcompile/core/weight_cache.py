@@ -4,7 +4,8 @@ In inference (decoding a token at a time) every call would fake-quantize every w
 although the weights do not change; a `Quantizer` fed by a parameter keeps its last output and
 returns it while nothing it depends on has changed. It costs one extra copy of the quantized
 weights in their own dtype while a model runs inference; `set_weight_cache(model, False)`
-turns it off (and frees it).
+turns it off (and frees it): do so where weights are offloaded (accelerate's `device_map` with
+CPU or disk offload), since the cache would keep every quantized weight on the accelerator.
 
 The cache is used only when all of these hold, so that training, tracing and sharding behave
 exactly as without it:
