@@ -18,11 +18,10 @@ exactly as without it:
 - torch.distributed is not initialized (FSDP2 writes the gathered weights into the same
   tensors without bumping their version counters, so a change could not be seen).
 
-An entry is reused only while the value it returned was not written into, and the weight and
-every buffer and parameter of the quantizer
-(`amax`, `pre_scale`, any other state) are the same tensor objects with the same version
-counter, storage address, shape, stride, dtype and device, and the quantizer's `spec` is the
-same object. So optimizer steps, `load_state_dict`, `.to()`, in-place writes under `no_grad`,
+An entry is reused only while the value it returned was not written into, the quantizer's
+`spec` is equal, and the weight and every buffer and parameter of the quantizer (`amax`,
+`pre_scale`, any state added later as a buffer) are the same tensor objects with the same
+version counter, storage address, shape, stride, dtype and device. So optimizer steps, `load_state_dict`, `.to()`, in-place writes under `no_grad`,
 calibration, `set_amax` / `set_pre_scale` and GPTQ all invalidate it. A call that may not use
 the cache (training, gradients on) drops it, and so does `train()`. Writes through `.data`
 (`weight.data.copy_(...)`) bypass the version counter: after such a write call
