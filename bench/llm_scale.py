@@ -45,17 +45,23 @@ def prepare_time(layers: int, hidden: int, blocks) -> float:
     return time.perf_counter() - started
 
 
-def section_prepare(out: list[str]) -> None:
-    out.append("\n### Prepare time against depth (meta device, int8, example batch 2 x 16)\n")
-    out.append("| hidden | layers | block-wise s | whole graph s |")
+def section_prepare(out: list[str], repeats: int = 3) -> None:
+    out.append(f"\n### Prepare time against depth (meta device, int8, example batch 2 x 16; "
+               f"median of {repeats} runs, depths interleaved)\n")
+    out.append("| hidden | layers | block-wise s | whole graph s (use_cache=False) |")
     out.append("|---:|---:|---:|---:|")
+    depths = (4, 8, 16, 32)
+    prepare_time(2, 256, "auto")  # imports and torch's first export out of the figures
     for hidden in (256, 1024):
-        times = {}
-        for layers in (4, 8, 16, 32):
+        runs: dict[int, list[float]] = {layers: [] for layers in depths}
+        for _ in range(repeats):  # interleaved: a load change on the machine hits every depth
+            for layers in depths:
+                runs[layers].append(prepare_time(layers, hidden, "auto"))
+        times = {layers: sorted(r)[len(r) // 2] for layers, r in runs.items()}
+        for layers in depths:
             whole = prepare_time(layers, hidden, None) if layers <= 8 and hidden == 256 else None
-            times[layers] = prepare_time(layers, hidden, "auto")
             shown = "-" if whole is None else f"{whole:.1f}"
-            out.append(f"| {hidden} | {layers} | {times[layers]:.1f} | {shown} |")
+            out.append(f"| {hidden} | {layers} | {times[layers]:.2f} | {shown} |")
         out.append(f"| {hidden} | 32 / 4 | {times[32] / times[4]:.2f}x | |")
     one_b = config(22, 2048, intermediate_size=5632, vocab_size=32000, num_attention_heads=32,
                    num_key_value_heads=4)

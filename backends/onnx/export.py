@@ -184,6 +184,9 @@ def export_onnx(
 
     Args:
         model: any module whose forward calls `Quantizer` modules or `qcompile.fake_quantize`.
+            A block-wise prepared model (`prepare(..., blocks=...)`, Hugging Face decoders by
+            default) is exported as one graph of the same numbers (`qcompile.prepare.one_graph`;
+            `use_cache=False` is added to the call where its forward takes `use_cache`).
         example_inputs / example_kwargs: inputs for tracing (batch of at least 2 with
             `dynamic_batch`).
         target: "tensorrt" (what TensorRT's explicit-quantization path builds: static Q/DQ,
@@ -207,6 +210,10 @@ def export_onnx(
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    if getattr(model, "qcompile_blocks", None):  # prepared block by block: trace one graph
+        from qcompile.prepare import one_graph
+
+        model, args, kwargs = one_graph(model, args, kwargs)
     quantizers = _quantizers(model)
     opset = choose_opset(quantizers, opset)
     if dynamic_shapes is None and (dynamic_batch or dynamic_sequence):
