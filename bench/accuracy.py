@@ -16,6 +16,12 @@ mode, i.e. no dropout).
 
     python bench/accuracy.py                      # full run, writes bench/RESULTS.md section
     python bench/accuracy.py --quick --no-write   # smoke run
+    python bench/accuracy.py --formats int8 fp8 --attention qkv products   # both attention modes
+
+Recipes that quantize attention (int8, fp8) run once per `--attention` mode (rows "fp8 [qkv]",
+"fp8 [products]"; README "Recipes"). MiniLM is loaded with Hugging Face's SDPA attention, so the
+mode applies to it as to char-GPT (`--minilm-attn eager`: explicit matmuls, always quantized as
+both products).
 
 Gap closed = (PTQ - method) / (PTQ - float) on each metric, always against PTQ.
 """
@@ -37,6 +43,7 @@ from torch.nn import functional as F
 import qcompile as qc
 from qcompile.demo import char_gpt, corpus, minilm
 from qcompile.demo.run import embed, fidelity, text_batches
+from qcompile.recipe import ATTENTION_MODES
 
 FORMATS = ("int8", "fp8", "nvfp4", "mxfp4", "int4")
 HERE = Path(__file__).resolve().parent
@@ -57,6 +64,18 @@ class Row:
         if abs(gap) < 1e-12 or method not in self.values:
             return float("nan")
         return (self.values["PTQ"] - self.values[method]) / gap
+
+
+def variants(formats: list[str], modes: list[str]) -> list[tuple[str, qc.Recipe]]:
+    """(row label, recipe) per format and, where the recipe quantizes attention, per mode."""
+    found = []
+    for fmt in formats:
+        recipe = qc.RECIPES[fmt]
+        if not recipe.quantize_matmul:
+            found.append((fmt, recipe))
+            continue
+        found += [(f"{fmt} [{mode}]", recipe.with_(attention=mode)) for mode in modes]
+    return found
 
 
 def student_init(ptq: nn.Module, data: list, init: str) -> nn.Module:
@@ -113,24 +132,25 @@ def bench_gpt(args) -> list[Row]:
                                        args.steps, seed=7)
     float_ppl = char_gpt.perplexity(model, val_windows)
     rows = []
-    for fmt in args.formats:
+    for fmt, recipe in variants(args.formats, args.attention):
         row = Row("char-GPT", fmt, "val perplexity", float_ppl, init=args.init)
-        ptq = qc.prepare(copy.deepcopy(model), fmt, example_inputs=(inputs[0],))
+        ptq = qc.prepare(copy.deepcopy(model), recipe, example_inputs=(inputs[0],))
         qc.calibrate(ptq, calibration, method="max")
         row.values["PTQ"] = char_gpt.perplexity(ptq, val_windows)
         start = student_init(ptq, inputs[: args.gptq_batches], args.init)
         if args.init == "gptq":
             row.values["GPTQ"] = char_gpt.perplexity(start, val_windows)
 
-        qat = copy.deepcopy(start)
-        qc.train(NextByteLoss(qat), qat_data, steps=args.steps, lr=args.lr)
-        row.values["QAT"] = char_gpt.perplexity(qat, val_windows)
-
-        qad = copy.deepcopy(start)
-        distiller = qc.Distiller(copy.deepcopy(model), qad, temperature=1.0)
-        qc.train(qad, [w[:, :-1] for w in qat_data], steps=args.steps, lr=args.lr,
-                 distiller=distiller)
-        row.values["QAD"] = char_gpt.perplexity(qad, val_windows)
+        if "QAT" in args.methods:
+            qat = copy.deepcopy(start)
+            qc.train(NextByteLoss(qat), qat_data, steps=args.steps, lr=args.lr)
+            row.values["QAT"] = char_gpt.perplexity(qat, val_windows)
+        if "QAD" in args.methods:
+            qad = copy.deepcopy(start)
+            distiller = qc.Distiller(copy.deepcopy(model), qad, temperature=1.0)
+            qc.train(qad, [w[:, :-1] for w in qat_data], steps=args.steps, lr=args.lr,
+                     distiller=distiller)
+            row.values["QAD"] = char_gpt.perplexity(qad, val_windows)
         rows.append(row)
         print(json.dumps({"model": row.model, "fmt": fmt, "float": float_ppl, **row.values}))
     return rows
@@ -170,7 +190,7 @@ class ContrastiveLoss(nn.Module):
 
 
 def bench_minilm(args) -> list[Row]:
-    model, tokenizer = minilm.load()
+    model, tokenizer = minilm.load(args.minilm_attn)
     train_texts = corpus.docstrings("train", limit=args.minilm_train_texts + 256)
     calibration = text_batches(tokenizer, train_texts[:256])[: args.calibration_batches]
     distill_batches = text_batches(tokenizer, train_texts[256:])
@@ -178,24 +198,26 @@ def bench_minilm(args) -> list[Row]:
     evaluation = text_batches(tokenizer, corpus.docstrings("val", limit=args.minilm_eval_texts))
     reference = embed(model, evaluation, "float")
     rows = []
-    for fmt in args.formats:
+    for fmt, recipe in variants(args.formats, args.attention):
         cosine = Row("MiniLM", fmt, "mean cosine", 1.0, init=args.init)
         top1 = Row("MiniLM", fmt, "top-1 agreement", 1.0, init=args.init)
-        ptq = qc.prepare(copy.deepcopy(model), fmt, example_kwargs=calibration[0])
+        ptq = qc.prepare(copy.deepcopy(model), recipe, example_kwargs=calibration[0])
         qc.calibrate(ptq, calibration, method="max")
         results = {"PTQ": ptq}
         start = student_init(ptq, (calibration + distill_batches)[: args.gptq_batches], args.init)
         if args.init == "gptq":
             results["GPTQ"] = start
 
-        qat = copy.deepcopy(start)
-        qc.train(ContrastiveLoss(qat), pairs, steps=args.steps, lr=args.minilm_lr)
-        results["QAT"] = qat
-
-        qad = copy.deepcopy(start)
-        distiller = qc.Distiller(copy.deepcopy(model), qad, loss="cosine")
-        qc.train(qad, distill_batches, steps=args.steps, lr=args.minilm_lr, distiller=distiller)
-        results["QAD"] = qad
+        if "QAT" in args.methods:
+            qat = copy.deepcopy(start)
+            qc.train(ContrastiveLoss(qat), pairs, steps=args.steps, lr=args.minilm_lr)
+            results["QAT"] = qat
+        if "QAD" in args.methods:
+            qad = copy.deepcopy(start)
+            distiller = qc.Distiller(copy.deepcopy(model), qad, loss="cosine")
+            qc.train(qad, distill_batches, steps=args.steps, lr=args.minilm_lr,
+                     distiller=distiller)
+            results["QAD"] = qad
         for method, quantized in results.items():
             quantized.eval()
             score = fidelity(reference, embed(quantized, evaluation, method))
@@ -226,7 +248,7 @@ def markdown(rows: list[Row], args, seconds: float) -> str:
         v = r.values
         lines.append(
             f"| {r.model} | {r.fmt} | {r.metric} | {r.float_value:.4f} | {v['PTQ']:.4f} | "
-            f"{value(v, 'GPTQ')} | {v['QAT']:.4f} | {v['QAD']:.4f} | {closed(r, 'GPTQ')} | "
+            f"{value(v, 'GPTQ')} | {value(v, 'QAT')} | {value(v, 'QAD')} | {closed(r, 'GPTQ')} | "
             f"{closed(r, 'QAT')} | {closed(r, 'QAD')} | {'GPTQ' if r.init == 'gptq' else 'PTQ'} |"
         )
     lines.append("")
@@ -282,6 +304,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["gpt", "minilm"], choices=["gpt", "minilm"])
     parser.add_argument("--formats", nargs="+", default=list(FORMATS))
+    parser.add_argument("--attention", nargs="+", default=["qkv"], choices=list(ATTENTION_MODES),
+                        help="Recipe.attention modes of the recipes that quantize attention")
+    parser.add_argument("--minilm-attn", choices=["sdpa", "eager"], default="sdpa",
+                        help="MiniLM's attention implementation (eager: explicit matmuls, "
+                             "quantized as both products whatever --attention says)")
+    parser.add_argument("--methods", nargs="*", default=["QAT", "QAD"], choices=["QAT", "QAD"],
+                        help="training methods to run after PTQ (and GPTQ with --init gptq)")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of QAT and of QAD")
     parser.add_argument("--lr", type=float, default=4e-3, help="peak lr of the GPT's QAT and QAD")
     parser.add_argument("--minilm-lr", type=float, default=2e-5)

@@ -1,8 +1,11 @@
-"""Attention: put SDPA's operands in place, or decompose it into its two explicit matmuls.
+"""Attention: put SDPA's operands in place, scale the query, or decompose the op.
 
 `positional_operands` moves query, key and value of every `scaled_dot_product_attention`
 into its positional arguments, where the match and insert passes find a fused attention
-site's operands. A fused attention op hides its products from the quantizer. Where the recipe
+site's operands. `scale_query` moves an SDPA's attention scale onto its query
+(`sdpa(q, k, v, scale=s)` -> `sdpa(q * s, k, v, scale=1.0)`), so that a query quantizer put in
+front of the op quantizes `q * s`, as TensorRT's fused attention wants it (the scale applied
+before the first product's Q/DQ). A fused attention op hides its products from the quantizer. Where the recipe
 quantizes the products (`Recipe.attention="products"`), `decompose_sdpa` replaces the op by
 the math it stands for (as torch's math backend computes it):
 `softmax(q @ k.transpose(-2, -1) * scale + mask) @ v`, with causal masking, boolean or
@@ -36,6 +39,33 @@ def positional_operands(gm: fx.GraphModule) -> fx.GraphModule:
             if all(name in kwargs for name in names):
                 node.args = (*node.args, *(kwargs.pop(name) for name in names))
                 node.kwargs = kwargs
+    gm.recompile()
+    return gm
+
+
+def scale_query(gm: fx.GraphModule, node_names: Collection[str]) -> fx.GraphModule:
+    """Multiply the query of each SDPA node named in `node_names` by the node's attention
+    scale (its `scale`, default `head_dim ** -0.5`) and set the scale to 1.0; returns `gm`.
+    In float this computes the same attention up to rounding."""
+    for node in list(gm.graph.nodes):
+        if node.name in node_names and is_target(node.target, SDPA_OPS):
+            kwargs = normalize_function(
+                aten.scaled_dot_product_attention.default, node.args, node.kwargs,
+                normalize_to_only_use_kwargs=True,
+            ).kwargs
+            query = kwargs["query"]
+            with gm.graph.inserting_before(node):
+                scale = kwargs.get("scale")
+                if scale is None:
+                    head_dim = (shape(query) or (None,))[-1]
+                    scale = (1 / math.sqrt(head_dim) if isinstance(head_dim, int) else
+                             gm.graph.call_function(operator.pow, (
+                                 gm.graph.call_function(aten.sym_size.int, (query, -1)), -0.5)))
+                scaled = gm.graph.call_function(aten.mul.Scalar, (query, scale))
+            if "nn_module_stack" in node.meta:
+                scaled.meta["nn_module_stack"] = node.meta["nn_module_stack"]
+            node.args = (scaled, *node.args[1:])
+            node.kwargs = {**node.kwargs, "scale": 1.0}
     gm.recompile()
     return gm
 

@@ -44,6 +44,11 @@ class CaptureError(RuntimeError):
     """The model could not be captured as a graph; the message says why and what to do."""
 
 
+class CacheOutputError(CaptureError):
+    """The model returns a KV cache object (a Hugging Face decoder called with `use_cache` at
+    its default), which one graph cannot return."""
+
+
 def capture(
     model: torch.nn.Module,
     args: tuple = (),
@@ -193,11 +198,10 @@ def _explain(model: torch.nn.Module, args: tuple, kwargs: dict, error: Exception
             "(qcompile.prepare(model.encoder, ...))."
         )
     if "Cache" in str(error) and "use_cache" in inspect.signature(model.forward).parameters:
-        return CaptureError(
+        return CacheOutputError(
             f"cannot capture {name} as one graph: its output holds a KV cache object "
-            f"({_first_line(error)}). Prepare it block by block (qcompile.prepare(model, "
-            "recipe, example_kwargs=..., blocks='auto'), which keeps the cache), or without "
-            "the cache: example_kwargs={..., 'use_cache': False}."
+            f"({_first_line(error)}). Prepare it without the cache: "
+            "example_kwargs={..., 'use_cache': False}."
         )
     return CaptureError(
         f"cannot capture {name}: torch.export cannot trace a construct{_where(error)}: "

@@ -14,6 +14,7 @@ from qcompile.blocks import BlockError
 from qcompile.core.fake_quant import fake_quantize
 from qcompile.core.formats import FORMATS, QuantFormat, get_format
 from qcompile.core.quantizer import Quantizer, QuantSpec
+from qcompile.core.weight_cache import clear_weight_cache, set_weight_cache
 from qcompile.passes.capture import CaptureError
 from qcompile.passes.sites import Site, SiteKind, SiteStatus
 from qcompile.prepare import PreparedBlock, PreparedModel, PrepareWarning, prepare
@@ -47,6 +48,7 @@ __all__ = [
     "Report",
     "auto_recipe",
     "calibrate",
+    "clear_weight_cache",
     "fake_quantize",
     "freeze",
     "fully_shard",
@@ -58,6 +60,7 @@ __all__ = [
     "report",
     "save",
     "search_weight_scales",
+    "set_weight_cache",
     "smooth",
     "train",
     "export_onnx",

@@ -25,18 +25,24 @@ class BlockError(ValueError):
     """The blocks asked for cannot be prepared one by one; the message says why and what to do."""
 
 
-def _has_linear(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Linear) for m in module.modules())
+def _has_matmul_weight(module: nn.Module) -> bool:
+    """Whether `module` holds a weight it multiplies by: a parameter of 2 or more dimensions
+    outside an embedding (Linear, GPT-2's Conv1D, convolutions, fused experts)."""
+    return any(
+        parameter.ndim >= 2
+        for child in module.modules() if not isinstance(child, (nn.Embedding, nn.EmbeddingBag))
+        for parameter in child.parameters(recurse=False)
+    )
 
 
 def block_lists(model: nn.Module) -> list[tuple[str, int]]:
     """(path, length) of each `nn.ModuleList` of 2 or more children of one class that hold a
-    Linear layer: the candidates for blocks, longest first."""
+    matmul weight (Linear, Conv1D, experts): the candidates for blocks, longest first."""
     found = []
     for path, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) >= 2:
             classes = {type(child) for child in module}
-            if len(classes) == 1 and all(_has_linear(child) for child in module):
+            if len(classes) == 1 and all(_has_matmul_weight(child) for child in module):
                 found.append((path, len(module)))
     return sorted(found, key=lambda item: -item[1])
 
@@ -45,7 +51,7 @@ def find_blocks(model: nn.Module, blocks: str | Iterable[str]) -> list[str]:
     """The module paths of the blocks of `model`, in model order.
 
     `blocks` is "auto" (the children of the longest `ModuleList` of same-class blocks that
-    hold Linear layers, e.g. `model.layers.*`; none: []), or glob patterns on module paths
+    hold matmul weights, e.g. `model.layers.*`; none: []), or glob patterns on module paths
     ("model.layers.*"); a pattern that matches nothing raises a `BlockError`.
     """
     if blocks == "auto":
@@ -85,9 +91,40 @@ def is_cache(value: Any) -> bool:
             and callable(getattr(value, "get_seq_length", None)))
 
 
-def cache_argument(kwargs: dict[str, Any]) -> str | None:
-    """The name of the keyword argument holding a KV cache object, if any."""
-    return next((name for name, value in kwargs.items() if is_cache(value)), None)
+#: Where a call passes the KV cache: a keyword argument's name, or a position (GPT-2's blocks
+#: take it second, positionally).
+CacheSlot = str | int
+
+
+def cache_slot(args: tuple, kwargs: dict[str, Any]) -> CacheSlot | None:
+    """Where `(args, kwargs)` pass a KV cache object (its keyword or position), if anywhere."""
+    name = next((name for name, value in kwargs.items() if is_cache(value)), None)
+    if name is not None:
+        return name
+    return next((i for i, value in enumerate(args) if is_cache(value)), None)
+
+
+def take_cache(
+    args: tuple, kwargs: dict[str, Any], slot: CacheSlot | None
+) -> tuple[tuple, dict[str, Any], Any]:
+    """(args, kwargs) without the cache at `slot`, and the cache (None without a slot)."""
+    if slot is None:
+        return args, kwargs, None
+    if isinstance(slot, int):
+        return args[:slot] + args[slot + 1:], kwargs, args[slot]
+    kwargs = dict(kwargs)
+    return args, kwargs, kwargs.pop(slot)
+
+
+def put_cache(
+    args: tuple, kwargs: dict[str, Any], slot: CacheSlot | None, cache: Any
+) -> tuple[tuple, dict[str, Any]]:
+    """The inverse of `take_cache`: (args, kwargs) with `cache` back at `slot`."""
+    if slot is None:
+        return args, kwargs
+    if isinstance(slot, int):
+        return args[:slot] + (cache,) + args[slot:], kwargs
+    return args, {**kwargs, slot: cache}
 
 
 #: Cache layers whose stored keys/values are exactly the past that attention concatenates to.
@@ -160,37 +197,52 @@ def record_calls(
 ) -> dict[str, tuple[tuple, dict[str, Any], tuple | None]]:
     """Run `model(*args, **kwargs)` once (no grad, eval mode) and return, per block path,
     the (args, kwargs, past) it was called with; `past` is the block's layer of a KV cache
-    passed to it (see `read_past`), read when the block was called. A block that is not
-    called, or called twice, raises a `BlockError`."""
-    calls: dict[str, tuple[tuple, dict[str, Any], tuple | None]] = {}
+    passed to it (by keyword or position; see `read_past`), read when the block was called.
+    A block that is not called, or called twice, raises a `BlockError`.
 
-    def recorder(path: str, index: int):
-        def hook(module: nn.Module, block_args: tuple, block_kwargs: dict) -> None:
+    Only what the blocks are called with matters here, not what they compute: a block called
+    exactly as an earlier block of its class (same structure, constants, shapes, dtypes,
+    devices) is not run, it returns that block's output (the recording of a 32-layer model
+    runs one layer)."""
+    calls: dict[str, tuple[tuple, dict[str, Any], tuple | None]] = {}
+    outputs: dict[tuple, Any] = {}
+
+    def recorder(path: str, index: int, block: nn.Module):
+        run = block.forward
+
+        def forward(*block_args: Any, **block_kwargs: Any) -> Any:
             if path in calls:
                 raise BlockError(
-                    f"block {path} ({type(module).__name__}) is called twice in one forward "
+                    f"block {path} ({type(block).__name__}) is called twice in one forward "
                     "pass; block-wise prepare needs each block called once: pass blocks=None "
                     "(one graph for the whole model) or name other blocks"
                 )
-            name = cache_argument(block_kwargs)
-            past = None if name is None else read_past(block_kwargs[name], index)
+            _, _, cache = take_cache(block_args, block_kwargs,
+                                     cache_slot(block_args, block_kwargs))
+            past = None if cache is None else read_past(cache, index)
             calls[path] = (block_args, dict(block_kwargs), past)
-        return hook
+            key = (type(block), _exact_key(block_args, block_kwargs, past))
+            if key not in outputs:
+                outputs[key] = run(*block_args, **block_kwargs)
+            return outputs[key]
+        return forward
 
-    handles = []
+    blocks = [model.get_submodule(path) for path in paths]
+    own = [block.__dict__.get("forward") for block in blocks]  # an instance's own forward
     training = model.training
     try:
-        for path in paths:
-            block = model.get_submodule(path)
-            handles.append(block.register_forward_pre_hook(
-                recorder(path, layer_index(block, path)), with_kwargs=True))
+        for path, block in zip(paths, blocks):
+            block.forward = recorder(path, layer_index(block, path), block)
         model.eval()
         with torch.no_grad():
             model(*args, **kwargs)
     finally:
         model.train(training)
-        for handle in handles:
-            handle.remove()
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
     missing = [p for p in paths if p not in calls]
     if missing:
         raise BlockError(
@@ -199,6 +251,18 @@ def record_calls(
             "naming the blocks the model calls, or blocks=None"
         )
     return calls
+
+
+def _exact_key(args: tuple, kwargs: dict[str, Any], past: tuple | None) -> tuple:
+    """What makes two calls of blocks of one class compute outputs of one structure and shape:
+    everything but the tensors' values (a cache object counts by its identity)."""
+    leaves, spec = pytree.tree_flatten((args, kwargs, past))
+    return str(spec), tuple(
+        (leaf.dtype, tuple(leaf.shape), leaf.device, leaf.requires_grad)
+        if isinstance(leaf, torch.Tensor) else
+        ("cache", id(leaf)) if is_cache(leaf) else (type(leaf).__name__, _hashable(leaf))
+        for leaf in leaves
+    )
 
 
 def call_key(args: tuple, kwargs: dict[str, Any], past: tuple | None) -> tuple:

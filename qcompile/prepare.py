@@ -10,9 +10,11 @@ graph included), and saves and loads every quantizer in `state_dict()`.
 Block-wise (`blocks=`), it prepares each repeated block as its own `PreparedBlock` graph and
 puts it back in place in a copy of the model: the result is the user's own class, its code
 outside the blocks untouched. A `PreparedBlock` runs one captured graph per call structure
-(captured once per block class and reused with each block's weights; a new structure, such as
-the decode steps of a KV cache, is captured when first met) and feeds a Hugging Face KV cache
-(`qcompile.blocks`). It knows nothing of numerics (quantizers do) or of backends.
+(captured and compiled once per block class, and run by each block with its own weights and
+quantizers; a new structure, such as the decode steps of a KV cache, is captured when first
+met, once for the class) and feeds a Hugging Face KV cache (`qcompile.blocks`); `one_graph`
+gives a block-wise model as one graph for what traces the whole model (ONNX export). It
+knows nothing of numerics (quantizers do) or of backends.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import itertools
 import types
 import warnings
 from collections.abc import Callable, Iterable
@@ -32,19 +35,27 @@ from torch.utils import _pytree as pytree
 
 from qcompile.blocks import (
     BlockError,
+    CacheSlot,
     TensorCache,
-    cache_argument,
+    cache_slot,
     call_key,
     find_blocks,
     layer_index,
+    put_cache,
     read_past,
     record_calls,
+    take_cache,
 )
 from qcompile.core.quantizer import Quantizer
 from qcompile.input_check import InputSignature
-from qcompile.passes.attention import decompose_sdpa, positional_operands
+from qcompile.passes.attention import decompose_sdpa, positional_operands, scale_query
 from qcompile.passes.canonicalize import canonicalize
-from qcompile.passes.capture import CaptureError, capture, site_operand_problem
+from qcompile.passes.capture import (
+    CacheOutputError,
+    CaptureError,
+    capture,
+    site_operand_problem,
+)
 from qcompile.passes.devices import retarget_devices
 from qcompile.passes.insert import insert_quantizers
 from qcompile.passes.kv_cache import kv_cache_sites
@@ -121,12 +132,16 @@ def _check_call(module: PreparedModel, args: tuple, kwargs: dict) -> None:
 
 def _as_prepared(
     gm: fx.GraphModule, sites: list[Site], recipe: Recipe, inputs: InputSignature, source: str,
-    base: type[PreparedModel] = PreparedModel,
+    base: type[PreparedModel] = PreparedModel, compiled: bool = False,
 ) -> PreparedModel:
-    class GraphModuleImpl(base):  # GraphModule installs forward on a per-instance class
-        pass
+    """Make `gm` a prepared model (of a per-instance subclass of `base`, as GraphModule
+    installs forward per instance) with its attributes; `compiled`: `gm` is one already and
+    runs the code its class inherits (a block sharing another's code)."""
+    if not compiled:
+        class GraphModuleImpl(base):  # GraphModule installs forward on a per-instance class
+            pass
 
-    gm.__class__ = GraphModuleImpl
+        gm.__class__ = GraphModuleImpl
     # ExportedProgram.module() insists that each argument comes exactly as in the example
     # (positional or keyword); the generated forward binds them by name, so let it.
     for key, hook in list(gm._forward_pre_hooks.items()):
@@ -142,7 +157,8 @@ def _as_prepared(
     if base is PreparedModel:
         inputs.fix_dims(gm)
     gm.register_forward_pre_hook(_check_call, with_kwargs=True)
-    gm.recompile()
+    if not compiled:
+        gm.recompile()
     if base is PreparedModel:
         inputs.names = tuple(  # how the prepared forward binds positional arguments
             name for name, parameter in inspect.signature(gm.forward).parameters.items()
@@ -177,9 +193,10 @@ def prepare(
             its sites are named by their full path (`model.layers.3.mlp.down_proj`), and the
             Linear layers outside the blocks stay float (listed in a `PrepareWarning`).
             "auto" (default): block-wise for models whose repeated blocks (the longest
-            `ModuleList` of one class holding Linear layers) receive a KV cache object in the
-            example call (Hugging Face decoders called with `use_cache` at its default), the
-            whole model as one graph otherwise.
+            `ModuleList` of one class holding matmul weights: Linear, GPT-2's Conv1D,
+            experts) receive a KV cache object in the example call, by keyword or position
+            (Hugging Face decoders called with `use_cache` at its default), the whole model
+            as one graph otherwise.
 
     Static quantizers (the activations of int8, fp8, nvfp4, w4a8) need
     `qcompile.calibrate` before the first forward pass.
@@ -202,7 +219,16 @@ def prepare(
                                        dict(example_kwargs or {}), dynamic, blocks)
         if blockwise is not None:
             return blockwise
-    gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
+    try:
+        gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
+    except CacheOutputError as error:
+        found = _blocks_with_cache(model, tuple(example_inputs), dict(example_kwargs or {}))
+        if blocks is None and found:
+            raise CacheOutputError(
+                f"{error} Or leave blocks at 'auto' (the default): it prepares {found} block "
+                "by block and keeps the cache."
+            ) from error
+        raise
     inputs = InputSignature.record(
         model, tuple(example_inputs), dict(example_kwargs or {}), dynamic
     )
@@ -224,7 +250,7 @@ def quantize_graph(
     """Put the recipe's quantizers into a captured graph (in place): canonicalize, match,
     decompose the quantized attention where the recipe quantizes its products
     (`Recipe.attention="products"`; by default query, key and value are quantized in front of
-    the fused op), insert. Returns every site.
+    the fused op, the attention scale moved onto the query first), insert. Returns every site.
 
     `prepare` runs it on torch.export's graph; the `qcompile` torch.compile backend on the
     graph dynamo captured. A site whose operands cannot be quantized raises a `CaptureError`.
@@ -238,11 +264,12 @@ def quantize_graph(
     if problem is not None:
         raise CaptureError(f"cannot capture {model_name}: {problem}")
     kv_cache = insert_quantizers(gm, kv_cache_sites(gm, recipe))  # in front of the fused op
-    if recipe.attention == "products":
-        attention = _quantized_attention(sites)
-        if attention:
-            decompose_sdpa(gm, attention)
-            sites = _assign(find_sites(gm), recipe, prefix)
+    attention = _quantized_attention(sites)
+    if attention and recipe.attention == "products":
+        decompose_sdpa(gm, attention)
+        sites = _assign(find_sites(gm), recipe, prefix)
+    elif attention:  # "qkv": the query quantizer sees q * scale, as TensorRT quantizes it
+        scale_query(gm, attention)
     return insert_quantizers(gm, sites) + kv_cache
 
 
@@ -353,16 +380,25 @@ def _quantized_attention(sites: list[Site]) -> set[str]:
 
 #: A block called with more structures than this is refused (each needs its own graph).
 _MAX_VARIANTS = 8
+#: Numbers the attributes of graphs captured in use (unique in the process).
+_VARIANT_IDS = itertools.count()
+#: On the holder class of a block class's code (and, while a block is made, on its graph).
+_SHARED_CODE = "qcompile_shared_code"
+#: Set on a block that runs its holder class's graph, not yet a copy of its own.
+_GRAPH_SHARED = "_qcompile_graph_shared"
 
 
 @dataclass
 class _Variant:
     """One captured graph of a block, for one call structure (`qcompile.blocks.call_key`).
-    `forward` None: the block's own graph; else generated code run against the block."""
+    `forward` None: the block's own graph; else generated code run against the block, which
+    reads the block's weights and quantizers and `extras` (constants and training switches,
+    installed on each block of the class that runs it: `PreparedBlock._install`)."""
 
     out_spec: Any
     forward: Callable | None = None
     graph: fx.Graph | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def __deepcopy__(self, memo):  # never changed once made; copies drop captured ones
         return self
@@ -372,7 +408,9 @@ class _Variant:
 class BlockInfo:
     """What a `PreparedBlock` needs besides its graph: its path in the model, the KV-cache
     layer it reads, the float block on the meta device (to capture a new call structure), the
-    recipe, and its graphs by call structure."""
+    recipe, and its graphs by call structure (one dict shared by the blocks of a class that
+    share their graph: a structure met in use is captured once for all of them), and those
+    whose extras this block holds."""
 
     path: str
     layer_idx: int
@@ -380,6 +418,7 @@ class BlockInfo:
     recipe: Recipe
     dynamic: bool
     variants: dict[tuple, _Variant] = field(default_factory=dict)
+    installed: set[tuple] = field(default_factory=set)
 
 
 class PreparedBlock(PreparedModel):
@@ -395,7 +434,25 @@ class PreparedBlock(PreparedModel):
 
     qcompile_block: BlockInfo
 
+    @property
+    def graph(self) -> fx.Graph:
+        """The block's graph; one shared with the other blocks of its class is copied first,
+        so that a pass changing it changes this block alone."""
+        if self.__dict__.pop(_GRAPH_SHARED, False):
+            self._graph = _copy_graph(self._graph)
+            self._graph.owning_module = self
+        return self._graph
+
+    @graph.setter
+    def graph(self, graph: fx.Graph) -> None:
+        self.__dict__.pop(_GRAPH_SHARED, None)
+        fx.GraphModule.graph.fset(self, graph)
+
     def recompile(self):
+        code = self._graph.__dict__.pop(_SHARED_CODE, None)
+        if code is not None:  # a node-for-node copy of the graph whose code cls inherits
+            self._code, self._lineno_map, self._prologue_start = code
+            return None
         result = super().recompile()
         cls = type(self)  # GraphModule just installed the graph's code as cls.forward
         generated = cls.__dict__.get("forward")
@@ -406,22 +463,22 @@ class PreparedBlock(PreparedModel):
 
     def __deepcopy__(self, memo):
         copied = super().__deepcopy__(memo)
-        copied.qcompile_block.variants = _own_graph_only(copied.qcompile_block.variants)
+        _drop_captured(copied.qcompile_block)
         return copied
 
     def _apply(self, fn, recurse=True):
         before = _device(self)
         result = super()._apply(fn, recurse)
         if _device(self) != before:  # graphs captured in use hold the old device
-            self.qcompile_block.variants = _own_graph_only(self.qcompile_block.variants)
+            _drop_captured(self.qcompile_block)
         return result
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         info = self.qcompile_block
-        name = cache_argument(kwargs)
-        cache = kwargs.pop(name) if name is not None else None
+        slot = cache_slot(args, kwargs)
+        args, kwargs, cache = take_cache(args, kwargs, slot)
         past = None if cache is None else read_past(cache, info.layer_idx)
-        key = (name, call_key(args, kwargs, past))
+        key = (slot, call_key(args, kwargs, past))
         variant = info.variants.get(key)
         if variant is None:
             if torch.compiler.is_compiling():
@@ -430,7 +487,9 @@ class PreparedBlock(PreparedModel):
                     "be captured while torch.export / torch.compile trace the model: call the "
                     "model once eagerly with the same arguments (e.g. use_cache=False) first"
                 )
-            variant = self._capture_variant(key, args, kwargs, past, name)
+            variant = self._capture_variant(key, args, kwargs, past, slot)
+        elif variant.forward is not None and key not in info.installed:
+            self._install(key, variant)
         run = variant.forward or type(self).graph_forward
         flat = run(self, *pytree.tree_leaves((args, kwargs, past)))
         output, new = pytree.tree_unflatten(list(flat), variant.out_spec)
@@ -439,7 +498,7 @@ class PreparedBlock(PreparedModel):
         return output
 
     def _capture_variant(
-        self, key: tuple, args: tuple, kwargs: dict, past: tuple | None, cache_name: str | None
+        self, key: tuple, args: tuple, kwargs: dict, past: tuple | None, slot: CacheSlot | None
     ) -> _Variant:
         info = self.qcompile_block
         if len(info.variants) >= _MAX_VARIANTS:
@@ -448,16 +507,20 @@ class PreparedBlock(PreparedModel):
                 "structures (constants, None or not, sizes 0 and 1); each needs its own graph. "
                 "Call it consistently, or prepare with blocks=None"
             )
-        meta = pytree.tree_map(
-            lambda x: torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x,
-            (args, kwargs, past),
-        )
+        structure = _float_block(info.template, self)
+        call = (args, kwargs, past)
+        if structure is None:  # the block's weights are not all here (or on meta): no values
+            structure = info.template
+            call = pytree.tree_map(
+                lambda x: torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor)
+                else x, call)
         # own saved-tensor hooks: an activation checkpoint's must not count the capture's
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            gm, out_spec = _capture_block(info.template, *meta, cache_name, info.dynamic)
+            gm, out_spec = _capture_block(structure, *call, slot, info.dynamic)
         sites = quantize_graph(gm, info.recipe, type(info.template).__name__, info.path)
         bind_training_mode(gm)
-        retarget_devices(gm, torch.device("meta"), _device(self) or torch.device("cpu"))
+        if structure is info.template:
+            retarget_devices(gm, torch.device("meta"), _device(self) or torch.device("cpu"))
         mine = {(s.name, r): p for s in self.qcompile_sites for r, p in s.quantizers.items()}
         theirs = {(s.name, r): p for s in sites for r, p in s.quantizers.items()}
         if mine != theirs:
@@ -468,7 +531,8 @@ class PreparedBlock(PreparedModel):
             )
         weights = {n for n, _ in info.template.named_parameters()}
         weights |= {n for n, _ in info.template.named_buffers()}
-        index = len(info.variants)
+        index = next(_VARIANT_IDS)
+        extras: dict[str, Any] = {}
         for node in gm.graph.nodes:
             if node.op == "call_module" and node.target in theirs.values():
                 continue  # the block's own quantizer of that site and role
@@ -477,32 +541,68 @@ class PreparedBlock(PreparedModel):
             if node.op not in ("call_module", "get_attr"):
                 continue
             value = _attribute(gm, node.target)
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                raise BlockError(
+                    f"block {info.path}: a new call structure needs the tensor constant "
+                    f"{node.target} that the block creates in forward, which cannot be "
+                    "captured without weights; prepare with an example call like this one"
+                )
             name = f"qcompile_variant{index}_{node.target.replace('.', '_')}"
-            if isinstance(value, nn.Module):
-                self.add_module(name, value.to(_device(self) or "cpu"))
-            elif isinstance(value, torch.Tensor):
-                if value.device.type == "meta":
-                    raise BlockError(
-                        f"block {info.path}: a new call structure needs the tensor constant "
-                        f"{node.target} that the block creates in forward, which cannot be "
-                        "captured without weights; prepare with an example call like this one"
-                    )
-                self.register_buffer(name, value, persistent=False)
-            else:
-                setattr(self, name, value)
+            extras[name] = value
             node.target = name
         code = gm.graph.python_code("self")
         namespace = dict(code.globals)
-        source = compile(code.src, f"<qcompile {info.path} variant {index}>", "exec")
+        source = compile(code.src, f"<qcompile {type(info.template).__name__} variant {index}>",
+                         "exec")
         exec(source, namespace)  # noqa: S102 - FX's own generated code, as GraphModule does
-        variant = _Variant(out_spec, namespace["forward"], gm.graph)
+        gm.graph.owning_module = None  # the capture's module holds this block's weights
+        variant = _Variant(out_spec, namespace["forward"], gm.graph, extras)
+        self._install(key, variant)
         info.variants[key] = variant
         return variant
 
+    def _install(self, key: tuple, variant: _Variant) -> None:
+        """Give this block its own copies of what `variant`'s code reads besides the block's
+        weights and quantizers: training switches (in this block's mode), constants."""
+        info = self.qcompile_block
+        if torch.compiler.is_compiling():
+            raise BlockError(
+                f"block {info.path} has not run this call structure yet, which it must once "
+                "before torch.export / torch.compile trace it: call the model once eagerly "
+                "with the same arguments first"
+            )
+        device = _device(self) or torch.device("cpu")
+        for name, value in variant.extras.items():
+            if isinstance(value, nn.Module):
+                self.add_module(name, copy.deepcopy(value).to(device).train(self.training))
+            elif isinstance(value, torch.Tensor):
+                self.register_buffer(name, value.to(device), persistent=False)
+            else:
+                setattr(self, name, value)
+        info.installed.add(key)
 
-def _own_graph_only(variants: dict[tuple, _Variant]) -> dict[tuple, _Variant]:
-    """The variants that run the block's own graph; the others are captured again in use."""
-    return {key: variant for key, variant in variants.items() if variant.forward is None}
+
+def _float_block(template: nn.Module, block: nn.Module) -> nn.Module | None:
+    """The float block `template` (on the meta device) with `block`'s own parameters and
+    buffers, shared (not copied); None where `block` lacks one of them, holds it on the meta
+    device or sharded. Captured with real tensors, the constants a block makes in forward (Falcon's
+    index tensors) get their values."""
+    own = dict(block.named_parameters())
+    own.update(block.named_buffers())
+    memo: dict[int, Any] = {}
+    for name, tensor in [*template.named_parameters(), *template.named_buffers()]:
+        real = own.get(name)
+        if real is None or real.is_meta or type(real) not in (torch.Tensor, nn.Parameter):
+            return None  # a sharded (DTensor) parameter is no whole weight to capture with
+        memo[id(tensor)] = real
+    return copy.deepcopy(template, memo)
+
+
+def _drop_captured(info: BlockInfo) -> None:
+    """Keep only the variants that run the block's own graph (a copied or moved block
+    captures the others again, for itself)."""
+    info.variants = {key: v for key, v in info.variants.items() if v.forward is None}
+    info.installed = set()
 
 
 def _attribute(module: nn.Module, target: str) -> Any:
@@ -513,27 +613,28 @@ def _attribute(module: nn.Module, target: str) -> Any:
 def _block_call(self: nn.Module, args: tuple, kwargs: dict, past: tuple | None) -> tuple:
     """The forward that a block is captured with: its own call, with a `TensorCache` holding
     `past` in place of the KV cache; returns (output, the new keys and values or None)."""
-    name = self.qcompile_cache_name
-    if name is None:
+    slot = self.qcompile_cache_slot
+    if slot is None:
         return type(self).forward(self, *args, **kwargs), None
     cache = TensorCache(past)
-    output = type(self).forward(self, *args, **kwargs, **{name: cache})
+    args, kwargs = put_cache(args, kwargs, slot, cache)
+    output = type(self).forward(self, *args, **kwargs)
     return output, cache.new
 
 
 def _capture_block(
-    block: nn.Module, args: tuple, kwargs: dict, past: tuple | None, cache_name: str | None,
+    block: nn.Module, args: tuple, kwargs: dict, past: tuple | None, slot: CacheSlot | None,
     dynamic: bool,
 ) -> tuple[fx.GraphModule, Any]:
     """Capture `block` (its tensors shared, not copied) called with (args, kwargs) and the
     cache replaced by a `TensorCache`; returns the graph module, taking the flat leaves of
     (args, kwargs, past) positionally, and the structure of its (output, new k/v)."""
-    block.qcompile_cache_name = cache_name
+    block.qcompile_cache_slot = slot
     block.forward = types.MethodType(_block_call, block)
     try:
         gm = capture(block, (args, kwargs, past), {}, dynamic=dynamic, share_tensors=True)
     finally:
-        del block.forward, block.qcompile_cache_name
+        del block.forward, block.qcompile_cache_slot
     codegen = gm.graph._codegen
     out_spec = codegen.pytree_info.out_spec
     gm.graph._codegen = fx.graph.CodeGen()
@@ -546,28 +647,65 @@ def _graph_for(
 ) -> fx.GraphModule:
     """A copy of `template`'s graph reading `block`'s parameters and buffers; the rest
     (constants the graph made, and with `copy_modules` copies of its quantizers and
-    training switches) comes from `template`."""
-    graph = fx.Graph()
-    output = graph.graph_copy(template.graph, {})
-    graph.output(output)
-    graph._codegen = copy.deepcopy(template.graph._codegen)
+    training switches) comes from `template`. A `template` whose class shares its code
+    (`_share_code`) gives a module of that class, which runs the code without compiling it."""
+    shared = next((c for c in type(template).__mro__ if _SHARED_CODE in c.__dict__), None)
+    if shared is None:
+        graph = _copy_graph(template.graph)
+    else:  # the class's graph, copied when first asked for (`PreparedBlock.graph`)
+        graph = shared.qcompile_graph
+        setattr(graph, _SHARED_CODE, shared.__dict__[_SHARED_CODE])
     own = {n for n, _ in block.named_parameters()} | {n for n, _ in block.named_buffers()}
     root = nn.Module()
+    constants = []  # tensors the graph made (Falcon's index tensors), not the block's state
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
             value = _attribute(block if node.target in own else template, node.target)
+            owner = node.target.rpartition(".")[0]
+            if node.op == "get_attr" and node.target not in own and not isinstance(
+                    template.get_submodule(owner) if owner else template, Quantizer):
+                constants.append(node.target)
             if copy_modules and isinstance(value, Quantizer) and not value.calibrated:
                 value = Quantizer(value.spec).to(value.amax.device)  # fresh: cheaper than a copy
             elif copy_modules and isinstance(value, nn.Module):
                 value = copy.deepcopy(value)
             _put(root, node.target, value)
-    gm = fx.GraphModule(root, graph)
-    for name, _ in block.named_buffers():  # GraphModule registers every buffer as persistent
+    gm = (shared or fx.GraphModule)(root, graph)
+    if shared is not None:
+        graph.owning_module = None  # the class's, no block's
+        gm.__dict__[_GRAPH_SHARED] = True
+    # GraphModule registers every buffer as persistent: keep the block's own non-persistent
+    # ones so, and the constants out of state_dict
+    for name in [*(n for n, _ in block.named_buffers() if _is_non_persistent(block, n)),
+                 *constants]:
         owner, _, leaf = name.rpartition(".")
         module = gm.get_submodule(owner) if owner else gm
-        if leaf in _non_persistent(block, name):
+        if leaf in module._buffers:
             module._non_persistent_buffers_set.add(leaf)
     return gm
+
+
+def _share_code(block: PreparedBlock) -> None:
+    """Let the blocks made from `block` (`_graph_for`) run its graph and the code it was
+    compiled to: its class becomes their holder, owned by no instance. A block gets its own
+    copy of the graph when first asked for it, and its own class when it recompiles (after
+    its graph changed), so nothing it does reaches the others."""
+    code = (block._code, block._lineno_map, block._prologue_start)
+    # nn.Module's call: GraphModule's call wrapper calls the next class's, which would be
+    # this one's again for a block that recompiled into its own class
+    holder = type("PreparedBlockCode", (type(block),), {
+        _SHARED_CODE: code, "qcompile_graph": block._graph, "__call__": nn.Module.__call__})
+    block.__class__ = type("GraphModuleImpl", (holder,), {})
+    block._graph.owning_module = None
+    block.__dict__[_GRAPH_SHARED] = True
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A node-for-node copy of `graph` (names kept: it generates the same code)."""
+    copied = fx.Graph()
+    copied.output(copied.graph_copy(graph, {}))
+    copied._codegen = copy.deepcopy(graph._codegen)
+    return copied
 
 
 def _same_specs(sites: list[Site], path: str, other: str, recipe: Recipe) -> bool:
@@ -580,9 +718,9 @@ def _same_specs(sites: list[Site], path: str, other: str, recipe: Recipe) -> boo
                for a, b in zip(mine, theirs))
 
 
-def _non_persistent(block: nn.Module, name: str) -> set[str]:
-    owner = name.rpartition(".")[0]
-    return (block.get_submodule(owner) if owner else block)._non_persistent_buffers_set
+def _is_non_persistent(block: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf in (block.get_submodule(owner) if owner else block)._non_persistent_buffers_set
 
 
 def _put(root: nn.Module, target: str, value: Any) -> None:
@@ -634,7 +772,7 @@ def _prepare_blockwise(
         if blocks == "auto":
             return None
         raise
-    if blocks == "auto" and not any(cache_argument(kw) for _, kw, _ in calls.values()):
+    if blocks == "auto" and all(cache_slot(a, kw) is None for a, kw, _ in calls.values()):
         return None
     root = copy.deepcopy(model)
     captured: dict[tuple, tuple[fx.GraphModule, Any]] = {}
@@ -642,12 +780,12 @@ def _prepare_blockwise(
     for path in paths:
         block = root.get_submodule(path)
         block_args, block_kwargs, past = calls[path]
-        name = cache_argument(block_kwargs)
-        graph_kwargs = {k: v for k, v in block_kwargs.items() if k != name}
-        key = (name, call_key(block_args, graph_kwargs, past))
+        slot = cache_slot(block_args, block_kwargs)
+        graph_args, graph_kwargs, _ = take_cache(block_args, block_kwargs, slot)
+        key = (slot, call_key(graph_args, graph_kwargs, past))
         if (type(block), key) not in captured:
             captured[type(block), key] = _capture_block(
-                block, block_args, graph_kwargs, past, name, dynamic)
+                block, graph_args, graph_kwargs, past, slot, dynamic)
         template, out_spec = captured[type(block), key]
         first = quantized.get((type(block), key))
         if first is not None and _same_specs(first[1].qcompile_sites, first[0], path, recipe):
@@ -659,14 +797,22 @@ def _prepare_blockwise(
             sites = quantize_graph(gm, recipe, type(block).__name__, path)
             bind_training_mode(gm)
             meta = _meta_copy(block)
-        inputs = InputSignature.record(block, block_args, graph_kwargs, dynamic)
+        # the cache is no input the signature checks (a positional one keeps its place)
+        kept = slot if isinstance(slot, int) else None
+        inputs = InputSignature.record(block, *put_cache(graph_args, graph_kwargs, kept, None),
+                                       dynamic)
         inputs.check_constants = False
         inputs.names = tuple(
             n for n, p in inspect.signature(block.forward).parameters.items()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-        prepared = _as_prepared(gm, sites, recipe, inputs, type(block).__name__, PreparedBlock)
-        info = BlockInfo(path, layer_index(block, path), meta, recipe, dynamic,
-                         {key: _Variant(out_spec)})
+        shares = isinstance(gm, PreparedBlock)  # the first such block's graph and code
+        prepared = _as_prepared(gm, sites, recipe, inputs, type(block).__name__, PreparedBlock,
+                                compiled=shares)
+        if first is None:
+            _share_code(prepared)
+        # graphs captured in use: once for all the blocks that share a graph
+        variants = first[1].qcompile_block.variants if shares else {key: _Variant(out_spec)}
+        info = BlockInfo(path, layer_index(block, path), meta, recipe, dynamic, variants)
         prepared.meta[_PRESERVED]["qcompile_block"] = info
         prepared.qcompile_block = info
         prepared.train(block.training)
@@ -684,6 +830,64 @@ def _prepare_blockwise(
     _warn_float_outside(root.qcompile_outside)
     _warn_nothing_quantized(model, sites)
     return root
+
+
+def one_graph(
+    model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None
+) -> tuple[PreparedModel, tuple, dict[str, Any]]:
+    """A block-wise prepared `model` as one graph, for what must trace the whole model
+    (`qcompile.export_onnx` calls it): the model's float structure with the blocks' own
+    tensors (shared, not copied) prepared with `blocks=None` and the model's recipe, loaded
+    with its quantizer state. Returns it and the call to trace it with: the example call, with
+    `use_cache=False` added where the forward takes `use_cache` (one graph carries no cache).
+    The two compute the same numbers (`tests/test_blocks.py`); the graph's quantizers are its
+    own, named as the model's.
+    """
+    paths = getattr(model, "qcompile_blocks", None)
+    if not paths:
+        raise ValueError(f"{type(model).__name__} is not prepared block by block")
+    memo: dict[int, Any] = {}
+    for path in paths:
+        block = model.get_submodule(path)
+        float_block = _float_block(block.qcompile_block.template, block)
+        if float_block is None:
+            raise BlockError(
+                f"block {path} cannot be rebuilt as a float block with its own weights (they "
+                "are on the meta device or sharded, or the float block holds tensors its graph "
+                "does not use): give the model its weights (to_empty + load_state_dict; gather "
+                "FSDP shards) before tracing it as one graph, or prepare it with blocks=None"
+            )
+        memo[id(block)] = float_block
+    for tensor in [*model.parameters(), *model.buffers()]:  # the rest shared too
+        memo.setdefault(id(tensor), tensor)
+    float_model = copy.deepcopy(model, memo)
+    for name in ("qcompile_recipe", "qcompile_model_class", "qcompile_inputs",
+                 "qcompile_blocks", "qcompile_outside"):
+        float_model.__dict__.pop(name, None)
+    float_model._load_state_dict_pre_hooks.clear()
+    kwargs = dict(example_kwargs or {})
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs.setdefault("use_cache", False)
+    with warnings.catch_warnings():  # prepare's warnings were given when `model` was prepared
+        warnings.simplefilter("ignore", PrepareWarning)
+        whole = prepare(float_model, model.qcompile_recipe, tuple(example_inputs), kwargs,
+                        dynamic=model.qcompile_inputs.dynamic, blocks=None)
+    whole.load_state_dict(model.state_dict())
+    whole.train(model.training)
+    return whole, tuple(example_inputs), kwargs
+
+
+def _blocks_with_cache(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """The glob of the blocks that `blocks="auto"` prepares one by one with their KV cache
+    (e.g. 'transformer.h.*'), or None where it would not."""
+    paths = find_blocks(model, "auto")
+    try:
+        calls = record_calls(model, paths, args, kwargs) if paths else {}
+    except Exception:  # noqa: BLE001 - then "auto" does not prepare block-wise either
+        return None
+    if all(cache_slot(a, kw) is None for a, kw, _ in calls.values()):
+        return None
+    return f"'{paths[0].rpartition('.')[0]}.*'" if "." in paths[0] else "'*'"
 
 
 #: Why a Linear outside the blocks is float, where the recipe would quantize it.

@@ -27,6 +27,7 @@ import torch
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
+from qcompile.backends.onnx import attention as onnx_attention
 from qcompile.backends.onnx import passes as onnx_passes
 from qcompile.backends.onnx import weights as onnx_weights
 from qcompile.backends.onnx.rules import onnxruntime_findings, onnxruntime_version
@@ -179,11 +180,15 @@ def export_onnx(
     dynamic_batch: bool = True,
     dynamic_sequence: bool = False,
     dynamic_shapes: Any = None,
+    quantize_softmax: bool = False,
 ) -> Path:
     """Export `model` to `path` as an ONNX graph with explicit quantization.
 
     Args:
         model: any module whose forward calls `Quantizer` modules or `qcompile.fake_quantize`.
+            A block-wise prepared model (`prepare(..., blocks=...)`, Hugging Face decoders by
+            default) is exported as one graph of the same numbers (`qcompile.prepare.one_graph`;
+            `use_cache=False` is added to the call where its forward takes `use_cache`).
         example_inputs / example_kwargs: inputs for tracing (batch of at least 2 with
             `dynamic_batch`).
         target: "tensorrt" (what TensorRT's explicit-quantization path builds: static Q/DQ,
@@ -196,6 +201,17 @@ def export_onnx(
         dynamic_sequence: also make axis 1 of every input of rank >= 2 a dynamic `sequence`
             dimension (text models: token ids and attention masks).
         dynamic_shapes: passed to torch.onnx.export instead (overrides `dynamic_batch`).
+        quantize_softmax: put a fixed-scale Q/DQ (amax 1: scale 1/448 for FP8, 1/127 for
+            INT8) on each attention's softmax output whose product with V is quantized, as
+            TensorRT's fused FP8/INT8 attention needs (`attention.quantize_softmax`). Off by
+            default: it rounds P, which the model (`Recipe.attention="qkv"`, P inside the fused
+            `scaled_dot_product_attention`) does not, so the file then computes other numbers
+            than the model (README, "Attention in ONNX"). With `Recipe.attention="products"` P
+            is quantized in the model already and this does nothing.
+
+    Attention (README, "Attention in ONNX"): a Shape of a Q/DQ output reads the Q's input, and
+    layout ops between a per-tensor Q/DQ and a MatMul move above the Q, so that each quantized
+    product reads DequantizeLinear directly (exact rewrites).
 
     Weight quantizers (those fed a parameter) are quantized once in torch and stored as
     INT8 / INT4 / FLOAT8E4M3FN / FLOAT4E2M1 initializers feeding DequantizeLinear.
@@ -207,6 +223,10 @@ def export_onnx(
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    if getattr(model, "qcompile_blocks", None):  # prepared block by block: trace one graph
+        from qcompile.prepare import one_graph
+
+        model, args, kwargs = one_graph(model, args, kwargs)
     quantizers = _quantizers(model)
     opset = choose_opset(quantizers, opset)
     if dynamic_shapes is None and (dynamic_batch or dynamic_sequence):
@@ -226,6 +246,10 @@ def export_onnx(
     onnx_passes.store_quantized_weights(onnx_model)
     onnxscript.optimizer.optimize_ir(onnx_model, should_fold=_should_fold)
     onnx_passes.fold_weight_transposes(onnx_model)
+    onnx_attention.rebase_shapes(onnx_model)
+    onnx_attention.hoist_layout_ops(onnx_model)
+    if quantize_softmax:
+        onnx_attention.quantize_softmax(onnx_model)
     RemoveUnusedNodesPass()(onnx_model)
     path = Path(path)
     ir.save(onnx_model, path)

@@ -266,7 +266,8 @@ def verify_onnx(
 
     Args:
         model: the model `export_onnx` exported (a prepared model, or any module with
-            `Quantizer` modules), in the state it was exported in.
+            `Quantizer` modules), in the state it was exported in. A block-wise prepared
+            model is compared through the one graph `export_onnx` traced (same quantizer state).
         example_inputs / example_kwargs: one call of the model; the file is run on the same
             tensors.
         runtime: "onnxruntime" (graph optimizations off, so the graph runs as written),
@@ -283,6 +284,10 @@ def verify_onnx(
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    if getattr(model, "qcompile_blocks", None):  # block by block: the one graph it exported
+        from qcompile.prepare import one_graph
+
+        model, args, kwargs = one_graph(model, args, kwargs)
     quantizers = {sq.path: sq.quantizer for sq in site_quantizers(model)
                   if sq.quantizer.enabled}
     labels = {sq.path: sq.label for sq in site_quantizers(model)}

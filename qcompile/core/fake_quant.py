@@ -142,4 +142,6 @@ def fake_quantize(
     if block_size is not None:
         _check_blocks(x, fmt, block_size)
     amax = canonical_amax(x, fmt, amax, axis, block_size)
+    if not torch.is_grad_enabled() and ops.plain_eager():
+        return ops.fake_quantize_inference(x, amax, fmt.name, block_size or 0)
     return ops.fake_quantize(x, amax, fmt.name, block_size or 0)

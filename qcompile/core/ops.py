@@ -39,6 +39,32 @@ def fake_quantize(
     return cpu.run("forward", format, block_or_none(block_size), x, amax).contiguous()
 
 
+def plain_eager() -> bool:
+    """Whether this call runs plainly in eager mode: nothing compiles, exports or traces it,
+    and no torch function or dispatch mode (FakeTensor, proxy tracing, `torch.device(...)`)
+    or autocast intercepts it."""
+    return not (torch.compiler.is_compiling()
+                or torch.compiler.is_exporting()
+                or torch.jit.is_tracing()
+                or torch.jit.is_scripting()
+                or torch._C._len_torch_function_stack() > 0
+                or torch._C._len_torch_dispatch_stack() > 0
+                or torch._C._is_any_autocast_enabled())
+
+
+def fake_quantize_inference(
+    x: torch.Tensor, amax: torch.Tensor | None, format: str, block_size: int
+) -> torch.Tensor:
+    """What `fake_quantize` computes, called straight to the kernel of x's device without the
+    op's dispatch (about 0.1 ms a call on CPU, which dominates decoding small tensors). Only
+    where nothing needs the op itself: gradients off and `plain_eager()`."""
+    if x.device.type == "cuda" and TRITON_REGISTERED:
+        from qcompile.core.kernels import triton_fake_quant
+
+        return triton_fake_quant.fake_quantize(x, amax, format, block_size).contiguous()
+    return cpu.run("forward", format, block_or_none(block_size), x, amax).contiguous()
+
+
 def _contiguous_like(x: torch.Tensor) -> torch.Tensor:
     """The output of every kernel: x's shape and dtype, contiguous whatever x's strides (the
     compiled callers check the strides that the fake kernel promised)."""

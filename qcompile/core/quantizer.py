@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from qcompile.core import numerics
+from qcompile.core import numerics, weight_cache
 from qcompile.core.fake_quant import fake_quantize
 from qcompile.core.formats import ScaleKind, get_format
 
@@ -130,11 +130,19 @@ class Quantizer(nn.Module):
       E8M0 exponents. The gradient passes where |x| is within it (the format's lower end
       for FP32 scales). A cache of quantized weights must be dropped when it changes.
 
+    - `cache_weights`: in inference (eval mode, gradients off) a quantizer fed by a parameter
+      keeps its fake-quantized output while the weight and its own state are unchanged
+      (`qcompile.core.weight_cache`: one extra copy of the quantized weights; off with
+      `qcompile.set_weight_cache(model, False)`); `set_scale_amax` installs a new buffer
+      tensor, which drops it.
+
     `state_dict()` holds `amax` (and `pre_scale`, `scale_amax` once set); the spec and the `enabled` flag travel in the state dict's
     metadata (`state_dict._metadata[path]["qcompile"]`, kept by `torch.save`), so that
     `load_state_dict` restores `enabled` and a prepared model can refuse a state dict saved
     with other specs (see `qcompile.training.checkpoint`).
     """
+
+    cache_weights: bool = True
 
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__()
@@ -185,6 +193,13 @@ class Quantizer(nn.Module):
         self.scale_amax = scale_amax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():  # traced graphs never hold the cache
+            if weight_cache.usable(self, x):
+                return weight_cache.cached(self, x, self._fake_quantize)
+            weight_cache.drop(self)
+        return self._fake_quantize(x)
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_scale is not None:
             x = x * self.pre_scale.to(x.dtype)
         if self.observer is not None:
@@ -215,6 +230,16 @@ class Quantizer(nn.Module):
         block_amax = self.scale_amax.reshape(*x.shape[:-1], -1, 1)
         amax = None if amax is None else amax.reshape(())
         return _StoredBlockScales.apply(x, amax, block_amax, fmt.name, block_size)
+
+    def train(self, mode: bool = True) -> Quantizer:
+        if mode:  # training frees the inference weight cache
+            weight_cache.drop(self)
+        return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop(weight_cache.ENTRY, None)  # copies and pickles start without the cache
+        return state
 
     def _apply(self, fn, recurse=True):
         # `.half()` / `.to(torch.bfloat16)` on the model must not round the range: amax and

@@ -185,3 +185,15 @@ def test_calibrate_output_search_stores_scales_at_every_linear():
     stored = {n: tuple(q.scale_amax.shape) for n, q in qmodel.named_modules()
               if isinstance(q, Quantizer) and q.scale_amax is not None}
     assert stored == {"up.weight_quantizer": (128, 4), "down.weight_quantizer": (64, 8)}
+
+
+def test_storing_scales_drops_the_inference_weight_cache():
+    weight = nn.Parameter(_weight())
+    quantizer = Quantizer(SPECS["nvfp4"]).eval()
+    with torch.no_grad():
+        before = quantizer(weight)
+        assert quantizer(weight) is before  # cached (qcompile.core.weight_cache)
+        quantizer.set_scale_amax(search_scale_amax(weight, quantizer, (1.0, 1.5)))
+        after = quantizer(weight)
+        assert not torch.equal(after, before)
+        assert torch.equal(after, _reference(weight.detach(), quantizer))

@@ -171,18 +171,19 @@ def test_all_minilm_l6_v2():
                       padding=True)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     start = time.perf_counter()
-    # The products (P included), as this bound was set for: with the default attention="qkv"
-    # this batch gives cosine 0.978 (0.9927 with P quantized too, 0.9918 with attention in
-    # float): fp8 V costs ~0.02 here, and quantizing P happens to offset it (#27).
-    recipe = RECIPES["fp8"].with_(attention="products")
-    prepared = prepare(model, recipe, example_kwargs=inputs)
+    prepared = prepare(model, "fp8", example_kwargs=inputs)  # attention="qkv"
     assert time.perf_counter() - start < 60
     sites = model_sites(prepared)
     assert len([s for s in sites if s.kind is SiteKind.LINEAR]) == 6 * 6 + 1
-    assert len([s for s in sites if s.kind is SiteKind.MATMUL and s.status is SiteStatus.QUANTIZED]) == 12
+    assert len([s for s in sites if s.kind is SiteKind.ATTENTION and s.status is SiteStatus.QUANTIZED]) == 6
     calibrate_max(prepared, inputs)
-    reference = model(**inputs).last_hidden_state
-    out = prepared(**inputs).last_hidden_state
+    # Over the real tokens: the hidden states of padding positions are not used by anything
+    # (pooling masks them) and move the most (#27: over all positions this batch gave 0.978
+    # with q/k/v quantized, 0.993 with P too, 0.992 with attention in float; over the real
+    # tokens 0.9954, 0.9957 and 0.9965).
+    real = inputs["attention_mask"].bool()
+    reference = model(**inputs).last_hidden_state[real]
+    out = prepared(**inputs).last_hidden_state[real]
     cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
     assert 0.99 < cosine < 1.0
 

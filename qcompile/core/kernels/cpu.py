@@ -64,12 +64,11 @@ def _compiled(
 
 
 def _use_compiled(x: torch.Tensor) -> bool:
-    mode = os.environ.get("QCOMPILE_CPU_KERNELS", "auto")
-    return (
-        mode != "eager"
+    return (  # cheapest first: decoding calls this for many small tensors
+        x.numel() >= COMPILE_MIN_NUMEL
         and not _compile_failed
         and x.device.type == "cpu"
-        and x.numel() >= COMPILE_MIN_NUMEL
+        and os.environ.get("QCOMPILE_CPU_KERNELS", "auto") != "eager"
         and not torch.compiler.is_compiling()
     )
 
