@@ -31,6 +31,11 @@ from qcompile.backends.onnx.trt_ops import DEQUANTIZE_OPS
 
 #: Layout ops moved above a per-tensor Q/DQ (first input: data; the others: shape or axes).
 _LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze"})
+
+#: Metadata key on a Q node whose input layout ops were hoisted above it: the ops, in the
+#: order applied to the quantizer's own input ("Transpose:0,2,1,3" or "Reshape", ";"-joined),
+#: so that `verify_onnx` can bring the Q/DQ's values back to the torch layout.
+HOISTED_LAYOUT_KEY = "qcompile.hoisted_layout"
 #: Largest magnitude of each 8-bit element type: the softmax Q/DQ scale is 1 / this (amax 1).
 SOFTMAX_QMAX = {ir.DataType.FLOAT8E4M3FN: 448.0, ir.DataType.INT8: 127.0}
 
@@ -130,6 +135,11 @@ def _swap(graph: ir.Graph, q: ir.Node, dq: ir.Node, layout: ir.Node) -> None:
     moved.outputs[0].shape = layout.outputs[0].shape
     graph.insert_before(q, moved)
     q.replace_input_with(0, moved.outputs[0])
+    step = layout.op_type
+    if step == "Transpose":
+        step += ":" + ",".join(str(int(p)) for p in layout.attributes["perm"].value)
+    before = q.metadata_props.get(HOISTED_LAYOUT_KEY)
+    q.metadata_props[HOISTED_LAYOUT_KEY] = step if not before else f"{before};{step}"
     q.outputs[0].shape = layout.outputs[0].shape
     dq.outputs[0].shape = layout.outputs[0].shape
     layout.outputs[0].replace_all_uses_with(dq.outputs[0])

@@ -30,6 +30,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from qcompile.backends.onnx.attention import HOISTED_LAYOUT_KEY
 from qcompile.backends.onnx.passes import FOLDED_PERM_KEY
 from qcompile.backends.onnx.reference import reference_evaluator
 from qcompile.backends.onnx.trt_ops import TRT_DOMAIN
@@ -115,6 +116,9 @@ class _Call:
     input: ir.Value | None
     output: ir.Value
     perm: list[int] | None
+    #: layout ops moved above the Q (`HOISTED_LAYOUT_KEY`; only over per-tensor Q/DQ, which
+    #: layout does not change): input and output are in the graph's layout, not torch's
+    hoisted: list[str]
 
 
 def _components(nodes: list[ir.Node]) -> list[list[ir.Node]]:
@@ -158,8 +162,18 @@ def _call(nodes: list[ir.Node], graph: ir.Graph) -> _Call | str:
         return f"{len(inputs)} float inputs and {len(outputs)} outputs"
     perm = next((node.metadata_props[FOLDED_PERM_KEY] for node in nodes
                  if FOLDED_PERM_KEY in node.metadata_props), None)
+    hoisted = next((node.metadata_props[HOISTED_LAYOUT_KEY] for node in nodes
+                    if HOISTED_LAYOUT_KEY in node.metadata_props), "")
     return _Call(nodes, inputs[0] if inputs else None, outputs[0],
-                 [int(p) for p in perm.split(",")] if perm else None)
+                 [int(p) for p in perm.split(",")] if perm else None,
+                 hoisted.split(";") if hoisted else [])
+
+
+def _before_hoisted(value: ir.Value, hoisted: list[str]) -> ir.Value:
+    """The value the hoisted layout ops read: the quantizer's input in its torch layout."""
+    for _ in hoisted:
+        value = value.producer().inputs[0]
+    return value
 
 
 def _quantizer_calls(model: ir.Model, paths: Iterable[str]) -> dict[str, list[_Call] | str]:
@@ -310,6 +324,9 @@ def verify_onnx(
         torch_inputs = _run_torch(model, args, kwargs, quantizers)
         exposed = [v.name for found in calls.values() if not isinstance(found, str)
                    for call in found for v in (call.input, call.output) if v is not None]
+        exposed += [_before_hoisted(call.input, call.hoisted).name
+                    for found in calls.values() if not isinstance(found, str)
+                    for call in found if call.hoisted and call.input is not None]
         values, used = _run_onnx(onnx_model, feeds, exposed, runtime)
         report = ParityReport(runtime=used, tolerance=tolerance)
         for path_, quantizer in quantizers.items():
@@ -338,7 +355,8 @@ def _compare(label: str, quantizer: Quantizer, calls: list[_Call],
         else:
             onnx_input = values[call.input.name]
             given = torch.from_numpy(np.ascontiguousarray(onnx_input)).to(seen.dtype)
-            drift = _relative(onnx_input, seen.float().cpu().numpy())
+            source = values[_before_hoisted(call.input, call.hoisted).name]
+            drift = _relative(source, seen.float().cpu().numpy())
         with torch.no_grad():
             want = quantizer(given.to(quantizer.amax.device)).float().cpu().numpy()
         got = values[call.output.name]
