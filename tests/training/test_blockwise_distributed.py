@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import time
 import traceback
 import warnings
 from datetime import timedelta
@@ -15,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import qcompile as qc
+from tests.training.spawn import run_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -93,14 +92,7 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                     reason="needs torch.distributed with the gloo backend")
 def test_fsdp2_per_block_trains_as_one_process_and_holds_half_the_weights(tmp_path):
-    context = mp.spawn(_worker, args=(WORLD, tmp_path), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process run did not finish in 300 s")
-    seen = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    seen = run_ranks(_worker, WORLD, tmp_path, weights_only=False)
     for rank, result in enumerate(seen):
         assert "error" not in result, f"rank {rank}:\n{result.get('error')}"
     assert seen[0]["units"] == ["", "model.layers.0", "model.layers.1"]

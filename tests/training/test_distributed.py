@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import qcompile as qc
+from tests.training.spawn import run_ranks
 
 pytestmark = [
     pytest.mark.distributed,
@@ -240,14 +240,7 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of the 2 ranks saw, running every scenario once."""
     out_dir = tmp_path_factory.mktemp("distributed")
-    context = mp.spawn(_worker, args=(WORLD, out_dir), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process run did not finish in 300 s")
-    seen = [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    seen = run_ranks(_worker, WORLD, out_dir, weights_only=True)
     print({k: round(v, 1) for k, v in seen[0].items() if k.endswith("seconds")})
     return seen
 
