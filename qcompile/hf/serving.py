@@ -6,8 +6,8 @@ A directory written by `export_checkpoint(qmodel, directory, format)` holds `con
 (ModelOpt format only), the weights as `model.safetensors` (or shards and
 `model.safetensors.index.json` beyond `max_shard_size`), `generation_config.json` and the
 tokenizer files where given, and `qcompile_serving.json`: the recipe, the example call, every
-calibrated amax and searched weight scales (`Quantizer.scale_amax`), which `load_checkpoint` needs to rebuild the prepared model exactly (the
-engines ignore it). Each quantized Linear is stored packed with its scales, exactly the element
+calibrated amax and searched weight scales (`Quantizer.scale_amax`), which `load_checkpoint`
+needs to rebuild the prepared model exactly (the engines ignore it). Each quantized Linear is stored packed with its scales, exactly the element
 values and scales of the model's own fake quantization (`qcompile.core.weights`), so the
 served weights dequantize bit for bit to the weights the model was calibrated / trained with;
 what a format cannot hold exactly is refused, never requantized.
