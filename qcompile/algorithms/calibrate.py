@@ -89,15 +89,17 @@ def calibrate(
         num_batches: stop after this many batches of an iterable (per rank).
         progress: show a tqdm progress bar (on rank 0 only).
         weight_scales: how weight scales are chosen. "auto" (default): NVFP4 weights get
-            the "mse" search (it lowered the loss in every measured PTQ, GPTQ and QAD row),
-            every other format derives its scales from the weights themselves. None: no
-            search. Or one search for every weight format
+            the "mse" search (it lowered the loss in every measured PTQ, GPTQ and QAD row)
+            unless they already store scales (GPTQ's, a checkpoint's, an earlier search's:
+            calibrating again keeps them), every other format derives its scales from the
+            weights themselves. None: no search. Or one search for every weight format
             (`qcompile.algorithms.weight_scales.search_weight_scales`): "mse" (clipping ratio
             per block/channel/tensor, and NVFP4/MXFP4 blocks' max mapped to 4 or 6), "output"
             (the same, errors weighed by the inputs' mean square per column) or
             "four_over_six" (NVFP4/MXFP4 only). Searched scales are stored in the weight
             quantizers (`Quantizer.scale_amax`), exported and checkpointed exactly, and stay
-            fixed while the weights train; calibrate again after training to refit them.
+            fixed while the weights train (`search_weight_scales(model, data, "mse")`
+            refits them after training; not after GPTQ, which rounded onto them).
             Measured in bench/RESULTS.md (#25).
 
     Runs in eval mode under `torch.no_grad()` and restores every module's train/eval mode.

@@ -158,13 +158,17 @@ def _least_error(w: torch.Tensor, own: torch.Tensor, ratios: tuple[float, ...],
 
 def search_targets(model: nn.Module, method: str) -> dict[str, tuple[Quantizer, str]]:
     """The weight quantizers `method` searches, by path, each with the search it gets:
-    `method` itself, or for `AUTO` the format's entry in `DEFAULT_SEARCHES` (others none)."""
+    `method` itself, or for `AUTO` the format's entry in `DEFAULT_SEARCHES` (others none),
+    where the quantizer has no stored scales yet (GPTQ's, a checkpoint's or an earlier
+    search's stay: GPTQ-rounded weights are exact only on the scales GPTQ rounded them to)."""
     check_method(method, allow_auto=True)
     targets = {}
     for entry in site_quantizers(model):
         quantizer = entry.quantizer
         fmt = get_format(quantizer.spec.format)
         chosen = DEFAULT_SEARCHES.get(fmt.name) if method == AUTO else method
+        if method == AUTO and quantizer.scale_amax is not None:
+            continue
         if (entry.role == "weight" and chosen is not None and searchable(quantizer) is None
                 and candidate_ratios(fmt, chosen)):
             targets[entry.path] = (quantizer, chosen)
@@ -234,14 +238,15 @@ def search_weight_scales(
             diagonal of GPTQ's Hessian, from `num_batches` of data; weights outside Linear
             sites GPTQ handles fall back to "mse"). "four_over_six": NVFP4/MXFP4
             only, per block the lower error of mapping its max to 6 or to 4. "auto": what
-            `qcompile.calibrate` does by default (`DEFAULT_SEARCHES`: "mse" for NVFP4 weights,
-            no search for other formats).
+            `qcompile.calibrate` does by default (`DEFAULT_SEARCHES`: "mse" for NVFP4 weights
+            without stored scales, no search for other formats).
 
     Every searched quantizer stores its scales (`Quantizer.scale_amax`, which replaces any
     stored before); `qc.save`/`qc.load`, Hugging Face and serving checkpoints and ONNX export
     carry them exactly. Weight quantizers with a learned or calibrated amax are left as they
-    are. The scales stay fixed while the weights train (QAT/QAD); search again after training
-    to fit them to the trained weights. Returns the paths of the quantizers searched.
+    are. The scales stay fixed while the weights train (QAT/QAD); search again ("mse") after
+    training to fit them to the trained weights, but not after GPTQ, whose weights are
+    rounded onto the scales they have. Returns the paths of the quantizers searched.
     """
     targets = search_targets(model, method)
     if not targets:

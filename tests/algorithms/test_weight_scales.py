@@ -197,3 +197,36 @@ def test_storing_scales_drops_the_inference_weight_cache():
         after = quantizer(weight)
         assert not torch.equal(after, before)
         assert torch.equal(after, _reference(weight.detach(), quantizer))
+
+
+def test_calibrate_searches_nvfp4_weights_by_default_and_keeps_stored_scales():
+    # "auto": nvfp4 weights searched (as weight_scales="mse" would), int4 left to its own
+    # amax; calibrating again after GPTQ keeps the scales GPTQ rounded onto.
+    qmodel = _prepared("nvfp4")
+    qc.calibrate(qmodel, _batches(), progress=False)
+    explicit = _prepared("nvfp4")
+    qc.calibrate(explicit, _batches(), progress=False, weight_scales="mse")
+    for path in ("up.weight_quantizer", "down.weight_quantizer"):
+        stored = qmodel.get_submodule(path).scale_amax
+        assert stored is not None
+        assert torch.equal(stored, explicit.get_submodule(path).scale_amax)
+    assert _prepared("nvfp4").get_submodule("up.weight_quantizer").scale_amax is None
+    off = _prepared("nvfp4")
+    qc.calibrate(off, _batches(), progress=False, weight_scales=None)
+    assert all(q.scale_amax is None for q in off.modules() if isinstance(q, Quantizer))
+    int4 = _prepared("int4")
+    with pytest.warns(qc.CalibrationWarning, match="dynamic scales"):
+        qc.calibrate(int4, _batches(), progress=False)
+    assert all(q.scale_amax is None for q in int4.modules() if isinstance(q, Quantizer))
+
+    qc.gptq(qmodel, _batches(), progress=False)
+
+    def rounded_weights():
+        with torch.no_grad():
+            return [qmodel.get_submodule(f"{name}.weight_quantizer")(
+                qmodel.get_parameter(f"{name}.weight")) for name in ("up", "down")]
+
+    before = rounded_weights()
+    qc.calibrate(qmodel, _batches(), progress=False)
+    for now, then in zip(rounded_weights(), before):
+        assert torch.equal(now, then)
