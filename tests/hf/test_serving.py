@@ -503,8 +503,10 @@ def test_searched_weight_scales_round_trip_exactly(recipe, format, search, tmp_p
     # state dict.
     qlm = hf.prepare_causal_lm(_float_model(), RECIPES[recipe])
     data = [{"input_ids": _ids(seed=s)} for s in range(2)]
-    if search == "gptq":
-        qc.gptq(qlm, data, progress=False)
+    if search == "gptq":  # on the prepared graph (qc.gptq does not unwrap QuantizedCausalLM)
+        mask = torch.ones_like(_ids())
+        inputs = {"attention_mask": mask, "position_ids": mask.cumsum(-1) - 1, "use_cache": False}
+        qc.gptq(qlm.prepared, [{**batch, **inputs} for batch in data], progress=False)
     else:
         qc.calibrate(qlm, data, progress=False, weight_scales=search)
     stored = {n: q.scale_amax for n, q in qlm.prepared.named_modules()
