@@ -245,9 +245,11 @@ def test_gptq_brings_the_prepared_model_closer_to_float(mlp, recipe):
             assert not torch.equal(quantizer(quantizer(weight)), quantizer(weight))
 
 
-def test_smoothed_sites_round_the_scaled_weight(mlp):
-    # SmoothQuant scales the weight's input channels (pre_scale): GPTQ must round W * s.
-    qmodel = qc.prepare(copy.deepcopy(mlp), "nvfp4", example_inputs=(_batches(1, 0)[0],))
+@pytest.mark.parametrize("recipe", ["nvfp4", "w4a8"])
+def test_smoothed_sites_round_the_scaled_weight(mlp, recipe):
+    # SmoothQuant scales the weight's input channels (pre_scale): GPTQ must round W * s
+    # (w4a8: with the int4 scales GPTQ chose and stored, which apply to W * s).
+    qmodel = qc.prepare(copy.deepcopy(mlp), recipe, example_inputs=(_batches(1, 0)[0],))
     qc.smooth(qmodel, _batches(2, 1), alpha=0.5, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -260,9 +262,14 @@ def test_smoothed_sites_round_the_scaled_weight(mlp):
         baseline = (nearest(x) - mlp(x)).square().mean()
         assert error < 0.9 * baseline
         quantizer = qmodel.get_submodule("up.weight_quantizer")
-        rounded = quantizer(qmodel.get_parameter("up.weight"))
-    reference = torch.from_numpy(ml_dtypes_fake_quantize(rounded.numpy(), "nvfp4"))
-    torch.testing.assert_close(reference, rounded, rtol=1e-6, atol=0)
+        weight = qmodel.get_parameter("up.weight")
+        rounded = quantizer(weight)
+    if recipe == "nvfp4":
+        reference = ml_dtypes_fake_quantize(rounded.numpy(), "nvfp4")
+    else:
+        reference = ml_dtypes_fake_quantize((weight * quantizer.pre_scale).detach().numpy(),
+                                            "int4", amax=quantizer.scale_amax.numpy())
+    torch.testing.assert_close(torch.from_numpy(reference), rounded, rtol=1e-6, atol=0)
 
 
 def test_export_after_gptq_matches_onnxruntime(mlp, tmp_path):
