@@ -86,8 +86,6 @@ def _quantized(model, recipe, calibration, variant, example, gptq_sets):
     qc.calibrate(ptq, calibration, method="max", progress=False, weight_scales=SEARCH.get(variant))
     gptqs = []
     for data in gptq_sets:
-        if not data:
-            break
         gptq = copy.deepcopy(ptq)
         qc.gptq(gptq, data, progress=False, **GPTQ_OPTIONS.get(variant, {}))
         gptqs.append(gptq)
@@ -98,6 +96,11 @@ def _gptq_sets(batches: list, args) -> list[list]:
     """GPTQ data sets: `--gptq-batches` consecutive batches from each `--gptq-offsets` offset
     (in units of `--gptq-batches`)."""
     n = args.gptq_batches
+    if not n:
+        return []
+    if (max(args.gptq_offsets) + 1) * n > len(batches):
+        raise SystemExit(f"--gptq-offsets {max(args.gptq_offsets)} needs "
+                         f"{(max(args.gptq_offsets) + 1) * n} batches; there are {len(batches)}")
     return [batches[k * n : (k + 1) * n] for k in args.gptq_offsets]
 
 

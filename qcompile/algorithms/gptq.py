@@ -291,7 +291,7 @@ def gptq(
     if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp > 0:
         raise ValueError(f"damp must be a positive number, got {damp!r}")
     if not isinstance(choose_scales, bool):
-        raise ValueError(f"choose_scales must be True or False, got {choose_scales!r}")
+        raise TypeError(f"choose_scales must be True or False, got {choose_scales!r}")
     targets = _targets(model)
     if not targets:
         raise ValueError(

@@ -314,7 +314,7 @@ def test_bad_input_changes_nothing(mlp):
     before = {k: v.clone() for k, v in qmodel.state_dict().items()}
     with pytest.raises(ValueError, match="damp must be a positive number"):
         gptq(qmodel, _batches(1, 1), damp=0.0, progress=False)
-    with pytest.raises(ValueError, match="choose_scales must be True or False"):
+    with pytest.raises(TypeError, match="choose_scales must be True or False"):
         gptq(qmodel, _batches(1, 1), choose_scales="yes", progress=False)
     with pytest.raises(ValueError, match="no batch reached"):
         gptq(qmodel, [], progress=False)
