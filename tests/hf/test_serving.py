@@ -495,12 +495,11 @@ def test_an_auto_recipe_exports_as_mixed_precision_and_round_trips(format, tmp_p
 
 
 @pytest.mark.parametrize(("recipe", "format", "search"), [
-    ("int4", "compressed-tensors", "mse"), ("nvfp4", "modelopt", "mse"),
-    ("int4", "compressed-tensors", "gptq")])
+    ("nvfp4", "modelopt", "mse"), ("int4", "compressed-tensors", "gptq")])
 def test_searched_weight_scales_round_trip_exactly(recipe, format, search, tmp_path):
-    # calibrate(weight_scales="mse"), and GPTQ on int4, store each weight quantizer's scales:
-    # the serving checkpoint holds them packed (and in the sidecar), hf.save_quantized in the
-    # state dict.
+    # calibrate(weight_scales="mse"), and GPTQ on int4 (the same stored amax buffer as int4's
+    # search, with GPTQ's latent weights), store each weight quantizer's scales: the serving
+    # checkpoint holds them packed (and in the sidecar), hf.save_quantized in the state dict.
     qlm = hf.prepare_causal_lm(_float_model(), RECIPES[recipe])
     data = [{"input_ids": _ids(seed=s)} for s in range(2)]
     if search == "gptq":  # on the prepared graph (qc.gptq does not unwrap QuantizedCausalLM)
