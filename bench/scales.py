@@ -37,14 +37,14 @@ import time
 from pathlib import Path
 
 import torch
-from accuracy import NextByteLoss, float_gpt
+from accuracy import float_gpt
 from results import write_section
 
 import qcompile as qc
 from qcompile.core import formats
 from qcompile.core.kernels import cpu
 from qcompile.demo import char_gpt, corpus, minilm
-from qcompile.demo.run import embed, fidelity, text_batches
+from qcompile.demo.run import BATCH_SIZE, embed, fidelity, text_batches
 
 #: format -> variants measured (the first is the baseline of the "x before" column).
 VARIANTS = {
@@ -148,7 +148,8 @@ def run_gpt(args) -> list[dict]:
 
 def run_minilm(args) -> list[dict]:
     model, tokenizer = minilm.load()
-    train_texts = corpus.docstrings("train", limit=256 + args.qad_steps * 32)
+    gptq_texts = (max(args.gptq_offsets) + 1) * args.gptq_batches * BATCH_SIZE
+    train_texts = corpus.docstrings("train", limit=max(256, gptq_texts) + args.qad_steps * 32)
     batches = text_batches(tokenizer, train_texts)
     calibration = batches[: args.calibration_batches]
     evaluation = text_batches(tokenizer, corpus.docstrings("val", limit=args.minilm_eval_texts))
