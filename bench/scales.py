@@ -6,8 +6,11 @@ GPTQ-rounded and evaluated (GPTQ), then distilled from the float model for `--qa
 
 - `amax/7`: int4 weights with the scale rule before #25 (scale = amax / 7; the format row
   swapped for the run, so every kernel computes it), `amax/127.5` the same for int8;
-- `default`: the library's defaults (int4: amax / 7.5; GPTQ stores each block's scale, per
-  output channel the lower output error of amax / 7.5 and amax / 7: `choose_scales`);
+- `default`: the library's defaults (int4: amax / 7.5, and GPTQ stores each block's scale,
+  per output channel the lower output error of amax / 7.5 and amax / 7: `choose_scales`;
+  NVFP4 weights: the `mse` search, `qc.calibrate`'s `weight_scales="auto"`);
+- `own`: no search (`weight_scales=None`: every scale from the weight's own max), NVFP4's
+  default before it searched;
 - `pinned`: int4 as `default`, but GPTQ keeps the weight's own dynamic scales
   (`qc.gptq(..., choose_scales=False)`: each block's max held at its value), as before the
   GPTQ fix of #25; `amax/7` runs GPTQ that way too (the rule before #25, all of it);
@@ -50,13 +53,14 @@ from qcompile.demo.run import BATCH_SIZE, embed, fidelity, text_batches
 VARIANTS = {
     "int4": ("amax/7", "pinned", "default", "mse", "output"),
     "w4a8": ("amax/7", "pinned", "default", "mse", "output"),
-    "nvfp4": ("default", "mse", "4over6", "output"),
+    "nvfp4": ("own", "default", "4over6", "output"),
     "mxfp4": ("default", "mse", "4over6", "output"),
     "int8": ("default", "amax/127.5", "mse"),
+    "fp8": ("default", "mse"),
 }
 #: variant -> (format row name, scale_divisor) swapped for the run.
 DIVISORS = {"amax/7": ("int4", None), "amax/127.5": ("int8", 127.5)}
-SEARCH = {"mse": "mse", "4over6": "four_over_six", "output": "output"}
+SEARCH = {"default": "auto", "mse": "mse", "4over6": "four_over_six", "output": "output"}
 #: variant -> qc.gptq keyword arguments (the others: the defaults).
 GPTQ_OPTIONS = {"amax/7": {"choose_scales": False}, "pinned": {"choose_scales": False}}
 
