@@ -6,10 +6,14 @@ GPTQ-rounded and evaluated (GPTQ), then distilled from the float model for `--qa
 
 - `amax/7`: int4 weights with the scale rule before #25 (scale = amax / 7; the format row
   swapped for the run, so every kernel computes it), `amax/127.5` the same for int8;
-- `default`: the library's defaults (int4: amax / 7.5; NVFP4 weights: the `mse` search,
-  `qc.calibrate`'s `weight_scales="auto"`);
+- `default`: the library's defaults (int4: amax / 7.5, and GPTQ stores each block's scale,
+  per output channel the lower output error of amax / 7.5 and amax / 7: `choose_scales`;
+  NVFP4 weights: the `mse` search, `qc.calibrate`'s `weight_scales="auto"`);
 - `own`: no search (`weight_scales=None`: every scale from the weight's own max), NVFP4's
   default before it searched;
+- `pinned`: int4 as `default`, but GPTQ keeps the weight's own dynamic scales
+  (`qc.gptq(..., choose_scales=False)`: each block's max held at its value), as before the
+  GPTQ fix of #25; `amax/7` runs GPTQ that way too (the rule before #25, all of it);
 - `mse`: `qc.calibrate(..., weight_scales="mse")` (clipping ratio per block/channel/tensor by
   weight MSE; NVFP4/MXFP4 also the block max mapped to 4);
 - `4over6`: `weight_scales="four_over_six"` (NVFP4/MXFP4: per block, max mapped to 6 or 4);
@@ -36,19 +40,19 @@ import time
 from pathlib import Path
 
 import torch
-from accuracy import NextByteLoss, float_gpt
+from accuracy import float_gpt
 from results import write_section
 
 import qcompile as qc
 from qcompile.core import formats
 from qcompile.core.kernels import cpu
 from qcompile.demo import char_gpt, corpus, minilm
-from qcompile.demo.run import embed, fidelity, text_batches
+from qcompile.demo.run import BATCH_SIZE, embed, fidelity, text_batches
 
 #: format -> variants measured (the first is the baseline of the "x before" column).
 VARIANTS = {
-    "int4": ("amax/7", "default", "mse", "output"),
-    "w4a8": ("amax/7", "default", "mse", "output"),
+    "int4": ("amax/7", "pinned", "default", "mse", "output"),
+    "w4a8": ("amax/7", "pinned", "default", "mse", "output"),
     "nvfp4": ("own", "default", "4over6", "output"),
     "mxfp4": ("default", "mse", "4over6", "output"),
     "int8": ("default", "amax/127.5", "mse"),
@@ -57,6 +61,8 @@ VARIANTS = {
 #: variant -> (format row name, scale_divisor) swapped for the run.
 DIVISORS = {"amax/7": ("int4", None), "amax/127.5": ("int8", 127.5)}
 SEARCH = {"default": "auto", "mse": "mse", "4over6": "four_over_six", "output": "output"}
+#: variant -> qc.gptq keyword arguments (the others: the defaults).
+GPTQ_OPTIONS = {"amax/7": {"choose_scales": False}, "pinned": {"choose_scales": False}}
 
 
 @contextlib.contextmanager
@@ -76,16 +82,40 @@ def scale_rule(variant: str):
         cpu._compiled.cache_clear()
 
 
-def _quantized(model, recipe, calibration, variant, example, num_gptq):
-    """(PTQ, GPTQ) models of one variant; `example` is (args, kwargs) of prepare."""
+def _quantized(model, recipe, calibration, variant, example, gptq_sets):
+    """(PTQ model, GPTQ models) of one variant, one GPTQ model per data set in `gptq_sets`
+    (empty sets: none); `example` is (args, kwargs) of prepare."""
     args, kwargs = example
     ptq = qc.prepare(copy.deepcopy(model), recipe, example_inputs=args, example_kwargs=kwargs)
     qc.calibrate(ptq, calibration, method="max", progress=False, weight_scales=SEARCH.get(variant))
-    if not num_gptq:
-        return ptq, None
-    gptq = copy.deepcopy(ptq)
-    qc.gptq(gptq, num_gptq, progress=False)
-    return ptq, gptq
+    gptqs = []
+    for data in gptq_sets:
+        gptq = copy.deepcopy(ptq)
+        qc.gptq(gptq, data, progress=False, **GPTQ_OPTIONS.get(variant, {}))
+        gptqs.append(gptq)
+    return ptq, gptqs
+
+
+def _gptq_sets(batches: list, args) -> list[list]:
+    """GPTQ data sets: `--gptq-batches` consecutive batches from each `--gptq-offsets` offset
+    (in units of `--gptq-batches`)."""
+    n = args.gptq_batches
+    if not n:
+        return []
+    if (max(args.gptq_offsets) + 1) * n > len(batches):
+        raise SystemExit(f"--gptq-offsets {max(args.gptq_offsets)} needs "
+                         f"{(max(args.gptq_offsets) + 1) * n} batches; there are {len(batches)}")
+    return [batches[k * n : (k + 1) * n] for k in args.gptq_offsets]
+
+
+def _gptq_cells(row: dict, gptqs: list, metric) -> None:
+    """GPTQ (first data set) and, with several sets, GPTQ@k per set and their mean."""
+    values = [metric(g) for g in gptqs]
+    if values:
+        row["GPTQ"] = values[0]
+    if len(values) > 1:
+        row.update({f"GPTQ@{i}": v for i, v in enumerate(values)})
+        row["GPTQ mean"] = sum(values) / len(values)
 
 
 def run_gpt(args) -> list[dict]:
@@ -103,14 +133,13 @@ def run_gpt(args) -> list[dict]:
         for variant in [v for v in VARIANTS[fmt] if not args.variants or v in args.variants]:
             started = time.perf_counter()
             with scale_rule(variant):
-                ptq, gptq = _quantized(model, fmt, calibration, variant, ((inputs[0],), None),
-                                       inputs[: args.gptq_batches])
+                ptq, gptqs = _quantized(model, fmt, calibration, variant, ((inputs[0],), None),
+                                        _gptq_sets(inputs, args))
                 row = {"model": "char-GPT", "format": fmt, "variant": variant,
                        "metric": f"val CE over float ({float_loss:.4f})", "PTQ": loss(ptq)}
-                if gptq is not None:
-                    row["GPTQ"] = loss(gptq)
-                if args.qad_steps and gptq is not None and fmt != "int8":
-                    qad = copy.deepcopy(gptq)
+                _gptq_cells(row, gptqs, loss)
+                if args.qad_steps and gptqs and fmt != "int8":
+                    qad = copy.deepcopy(gptqs[0])
                     distiller = qc.Distiller(copy.deepcopy(model), qad, temperature=1.0)
                     qc.train(qad, [w[:, :-1] for w in qad_data], steps=args.qad_steps,
                              lr=args.lr, distiller=distiller, progress=False)
@@ -123,7 +152,8 @@ def run_gpt(args) -> list[dict]:
 
 def run_minilm(args) -> list[dict]:
     model, tokenizer = minilm.load()
-    train_texts = corpus.docstrings("train", limit=256 + args.qad_steps * 32)
+    gptq_texts = (max(args.gptq_offsets) + 1) * args.gptq_batches * BATCH_SIZE
+    train_texts = corpus.docstrings("train", limit=max(256, gptq_texts) + args.qad_steps * 32)
     batches = text_batches(tokenizer, train_texts)
     calibration = batches[: args.calibration_batches]
     evaluation = text_batches(tokenizer, corpus.docstrings("val", limit=args.minilm_eval_texts))
@@ -137,14 +167,13 @@ def run_minilm(args) -> list[dict]:
         for variant in [v for v in VARIANTS[fmt] if not args.variants or v in args.variants]:
             started = time.perf_counter()
             with scale_rule(variant):
-                ptq, gptq = _quantized(model, fmt, calibration, variant, ((), calibration[0]),
-                                       batches[: args.gptq_batches])
+                ptq, gptqs = _quantized(model, fmt, calibration, variant, ((), calibration[0]),
+                                        _gptq_sets(batches, args))
                 row = {"model": "MiniLM", "format": fmt, "variant": variant,
                        "metric": "1 - mean cosine", "PTQ": gap(ptq)}
-                if gptq is not None:
-                    row["GPTQ"] = gap(gptq)
-                if args.qad_steps and gptq is not None and fmt != "int8":
-                    qad = copy.deepcopy(gptq)
+                _gptq_cells(row, gptqs, gap)
+                if args.qad_steps and gptqs and fmt != "int8":
+                    qad = copy.deepcopy(gptqs[0])
                     distiller = qc.Distiller(copy.deepcopy(model), qad, loss="cosine")
                     qc.train(qad, batches[8:], steps=args.qad_steps, lr=args.minilm_lr,
                              distiller=distiller, progress=False)
@@ -206,6 +235,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=4e-3, help="the GPT's QAD lr")
     parser.add_argument("--minilm-lr", type=float, default=2e-5)
     parser.add_argument("--gptq-batches", type=int, default=8, help="0: no GPTQ (nor QAD) rows")
+    parser.add_argument("--gptq-offsets", type=int, nargs="+", default=[0],
+                        help="GPTQ once per offset, on batches [k*n, (k+1)*n) (n: --gptq-batches)")
     parser.add_argument("--variants", nargs="+", help="only these variants (default: all)")
     parser.add_argument("--gpt-float-steps", type=int, default=600)
     parser.add_argument("--gpt-layers", type=int, default=4)

@@ -11,6 +11,12 @@ holds), so PTQ, QAT, QAD and the exported model all compute with them.
 
 The inputs X are those the quantized model feeds each site (after its input quantizer, with
 the other weights still rounded to nearest), recorded in one pass over the data.
+
+Integer weights with dynamic block scales (int4) get stored scales (`Quantizer.scale_amax`):
+GPTQ rounds the weight once per candidate (`rounding.stored_scale_choices`: each block's max
+at amax / 7.5 or at amax / 7) and keeps, per output channel, the one with the lower output
+error (GPTQ rounds each output channel independently, so the choice is exact for its
+objective). Stored scales pin no element, unlike the weight's own dynamic scales.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from qcompile.algorithms.data import (
     is_distributed,
     run_data,
 )
-from qcompile.algorithms.rounding import ColumnRounder, UnsupportedWeight
+from qcompile.algorithms.rounding import ColumnRounder, UnsupportedWeight, stored_scale_choices
 from qcompile.core.quantizer import Quantizer
 from qcompile.passes.sites import Site, SiteKind, SiteStatus, model_sites, prepared_graphs
 
@@ -96,6 +102,38 @@ def gptq_round(
             errors[:, i] = error
         w[:, end:] -= errors @ upper[start:end, end:]
     return rounded, latent
+
+
+def gptq_round_choosing_scales(
+    weight: torch.Tensor, hessian: torch.Tensor, quantizer: Quantizer, damp: float,
+    act_order: bool, choose_scales: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`gptq_round` of one [out, in] weight with `quantizer`'s scales, returning (rounded,
+    latent, the scales to store in `quantizer` or None).
+
+    With `choose_scales`, where `stored_scale_choices` offers candidates (int4 with dynamic
+    scales, none stored yet), GPTQ runs once per candidate and each output channel keeps the
+    one with the lower output error d H d^T (d: the channel's rounded - weight); ties keep
+    the first, the format's own rule."""
+    spec = quantizer.spec
+    choices = stored_scale_choices(spec, weight) if choose_scales else []
+    if quantizer.scale_amax is not None or not choices:
+        rounder = ColumnRounder(spec, weight, quantizer.amax, quantizer.scale_amax)
+        return (*gptq_round(weight, hessian, rounder, damp, act_order), None)
+    best = None
+    h = hessian.double()
+    for scale_amax in choices:
+        rounder = ColumnRounder(spec, weight, None, scale_amax)
+        rounded, latent = gptq_round(weight, hessian, rounder, damp, act_order)
+        d = (rounded - weight).double()
+        error = ((d @ h) * d).sum(dim=1)
+        if best is None:
+            best = (rounded, latent, scale_amax, error)
+            continue
+        better = (error < best[3])[:, None]  # ties keep the first (the format's own rule)
+        best = (torch.where(better, rounded, best[0]), torch.where(better, latent, best[1]),
+                torch.where(better, scale_amax, best[2]), torch.minimum(error, best[3]))
+    return best[0], best[1], best[2]
 
 
 @dataclass
@@ -221,6 +259,7 @@ def gptq(
     *,
     damp: float = 0.01,
     act_order: bool = True,
+    choose_scales: bool = True,
     num_batches: int | None = None,
     progress: bool = True,
 ) -> list[str]:
@@ -235,6 +274,11 @@ def gptq(
         act_order: round the input channels with the largest activations first, block
             scales fixed from the original weight beforehand (GPTQ's act-order with static
             groups; all-MiniLM-L6-v2 int4, 32 batches: mean cosine 0.977 without, 0.981 with).
+        choose_scales: for integer weights with dynamic block scales (int4, w4a8), store
+            each block's scale (`Quantizer.scale_amax`), per output channel the lower output
+            error of amax / 7.5 and amax / 7 (one GPTQ pass per candidate); False keeps the
+            weight's own dynamic scales (amax / 7.5, the element setting each block's amax
+            held at its value). See bench/RESULTS.md (#25) for the measurements.
         num_batches, progress: as for `qcompile.calibrate`.
 
     Each latent weight is replaced by one that its quantizer rounds to the GPTQ values, so
@@ -246,6 +290,8 @@ def gptq(
     """
     if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp > 0:
         raise ValueError(f"damp must be a positive number, got {damp!r}")
+    if not isinstance(choose_scales, bool):
+        raise TypeError(f"choose_scales must be True or False, got {choose_scales!r}")
     targets = _targets(model)
     if not targets:
         raise ValueError(
@@ -275,23 +321,29 @@ def gptq(
         if pre_scale is not None:
             weight = weight * pre_scale
         try:
-            rounder = ColumnRounder(quantizer.spec, weight, quantizer.amax, quantizer.scale_amax)
+            values, latent, scale_amax = gptq_round_choosing_scales(
+                weight, 2 * target.hessian / target.rows, quantizer, damp, act_order,
+                choose_scales)
         except UnsupportedWeight as error:
             skipped.append(f"{target.site} ({error})")
             continue
-        values, latent = gptq_round(weight, 2 * target.hessian / target.rows, rounder, damp,
-                                    act_order)
         if pre_scale is not None:
             values, latent = values / pre_scale, latent / pre_scale
+            requantize = quantizer
+            if scale_amax is not None:  # the quantizer as it will be, on a copy
+                requantize = copy.deepcopy(quantizer)
+                requantize.set_scale_amax(scale_amax)
             with torch.no_grad():  # dividing by pre_scale may move a latent value across a bin edge
-                moved = quantizer(latent) != quantizer(values)
+                moved = requantize(latent) != requantize(values)
             latent = torch.where(moved, values, latent)
-        rounded.append((target, latent))
+        rounded.append((target, latent, scale_amax))
     if skipped:
         warnings.warn(f"GPTQ left {len(skipped)} sites rounded to nearest: {'; '.join(skipped)}",
                       CalibrationWarning, stacklevel=2)
     with torch.no_grad():
-        for target, values in rounded:
+        for target, values, scale_amax in rounded:
             parameter = model.get_parameter(target.weight_name)
             parameter.copy_(values.to(parameter.dtype))
-    return [target.site for target, _ in rounded]
+            if scale_amax is not None:
+                target.quantizer.set_scale_amax(scale_amax)
+    return [target.site for target, _, _ in rounded]

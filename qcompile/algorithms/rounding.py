@@ -14,7 +14,10 @@ rounds to whatever the amax rounds to: 7 or -8 under int4's amax / 7.5, so a rou
 rounded values stay between what -amax and +amax round to (the whole [-8, 7] for int4; a
 value there whose original does not round to it gets -amax or +amax as its latent). E8M0
 scales have their own rules (below). For NVFP4 the tensor's largest element also keeps its
-value, which pins the global scale. A static (calibrated) amax fixes the scales by itself.
+value, which pins the global scale. A static (calibrated) amax, or stored scales
+(`Quantizer.scale_amax`), fix the scales by themselves and pin nothing: for integer weights
+with dynamic block scales (int4) GPTQ stores the scales it fixes (`stored_scale_choices`), so
+that no block max is held at its 1/15-of-amax error under amax / 7.5.
 
 This module owns that rule; `qcompile.algorithms.gptq` owns the algorithm and the model plumbing, and
 `qcompile.core.numerics` the arithmetic of each format.
@@ -26,8 +29,27 @@ import torch
 
 from qcompile.core import numerics
 from qcompile.core.fake_quant import canonical_amax
-from qcompile.core.formats import ScaleKind, ScaleRule, get_format
+from qcompile.core.formats import ElementKind, ScaleKind, ScaleRule, get_format
 from qcompile.core.quantizer import QuantSpec
+
+
+def stored_scale_choices(spec: QuantSpec, weight: torch.Tensor) -> list[torch.Tensor]:
+    """The block amaxes (shaped as `Quantizer.scale_amax`: (rows, K / block)) that GPTQ may
+    store for an [out, in] weight with dynamic integer block scales (int4): each block's max
+    on the rule's edge (the format's scale, amax / 7.5 for int4) and on the top grid point
+    (amax / 7). Stored scales pin no element (see the module docstring); which one each output
+    channel gets is GPTQ's choice. Empty where the scales are not dynamic integer block scales
+    (static, learned or already stored ones fix them as they are)."""
+    fmt = get_format(spec.format)
+    block = fmt.resolve_block_size(spec.block_size)
+    if (block is None or fmt.scale is not ScaleKind.FP32 or fmt.element.kind is not ElementKind.INT
+            or not spec.dynamic or spec.learn_amax):
+        return []
+    own = numerics.dynamic_amax(numerics.to_blocks(weight.detach().float(), block), block)
+    own = own.squeeze(-1)
+    top = fmt.element.max_value
+    divisors = dict.fromkeys((top + 0.5, top))  # max on the rounding edge, max on the grid
+    return [own * (fmt.divisor / d) for d in divisors]
 
 
 class UnsupportedWeight(ValueError):

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import qcompile as qc
-from qcompile.algorithms.gptq import gptq, gptq_round
-from qcompile.algorithms.rounding import ColumnRounder, UnsupportedWeight
+from qcompile.algorithms.gptq import gptq, gptq_round, gptq_round_choosing_scales
+from qcompile.algorithms.rounding import ColumnRounder, UnsupportedWeight, stored_scale_choices
 from qcompile.core import numerics
 from qcompile.core.formats import get_format
 from qcompile.core.quantizer import Quantizer, QuantSpec
@@ -134,6 +134,47 @@ def test_static_amax_keeps_its_scales():
     assert float(rounded.min()) == pytest.approx(-0.1 * 8 / 7.5)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int4_scales_are_chosen_per_output_channel_and_stored(act_order):
+    # GPTQ rounds an int4 weight once per stored-scale candidate (block max at amax / 7.5 or
+    # at amax / 7) and keeps, per output channel, the one with the lower output error: its
+    # rows, latents and scales are that candidate's, bit for bit; no element is pinned, and
+    # the latent weight requantizes to the rounded one with the stored scales (ml_dtypes).
+    spec = QuantSpec("int4", dynamic=True)
+    w, x = _weight(), _correlated_inputs()
+    h = x.T @ x
+    rounded, latent, stored = gptq_round_choosing_scales(w, h, Quantizer(spec), 0.01, act_order,
+                                                         True)
+    runs, errors = [], []
+    choices = stored_scale_choices(spec, w)
+    own = w.reshape(48, 2, 128).abs().amax(-1)
+    for choice, ratio in zip(choices, (1.0, 7.5 / 7)):
+        torch.testing.assert_close(choice, own * ratio, rtol=0, atol=0)
+        runs.append(gptq_round(w, h, ColumnRounder(spec, w, None, choice), act_order=act_order))
+        d = (runs[-1][0] - w).double()
+        errors.append(((d @ h.double()) * d).sum(1))
+    second = errors[1] < errors[0]
+    assert 0 < int(second.sum()) < 48  # both rules win somewhere on this weight
+    for row in range(48):
+        run, choice = (runs[1], choices[1]) if second[row] else (runs[0], choices[0])
+        assert torch.equal(rounded[row], run[0][row]) and torch.equal(latent[row], run[1][row])
+        assert torch.equal(stored[row], choice[row])
+    reference = ml_dtypes_fake_quantize(latent.numpy(), "int4", amax=stored.numpy())
+    torch.testing.assert_close(torch.from_numpy(reference), rounded, rtol=0, atol=0)
+    pinned, _ = gptq_round(w, h, ColumnRounder(spec, w, None), act_order=act_order)
+    d = (pinned - w).double()
+    assert float(torch.minimum(*errors).sum()) < float(((d @ h.double()) * d).sum())
+    # without the choice (or with scales stored already) the quantizer's scales are kept
+    for quantizer, flag in ((Quantizer(spec), False), (Quantizer(spec), True)):
+        if flag:
+            quantizer.set_scale_amax(own)
+        again = gptq_round_choosing_scales(w, h, quantizer, 0.01, act_order, False)
+        assert again[2] is None
+        expected = gptq_round(w, h, ColumnRounder(spec, w, None, quantizer.scale_amax),
+                              act_order=act_order)
+        assert torch.equal(again[0], expected[0])
+
+
 def test_per_input_channel_scales_are_refused():
     with pytest.raises(UnsupportedWeight, match="axis=0"):
         ColumnRounder(QuantSpec("int8", axis=1, dynamic=True), _weight(), None)
@@ -183,27 +224,29 @@ def test_gptq_brings_the_prepared_model_closer_to_float(mlp, recipe):
     nearest = copy.deepcopy(qmodel)
     before = {k: v.clone() for k, v in qmodel.state_dict().items()}
     assert sorted(gptq(qmodel, _batches(4, 1), progress=False)) == ["down", "up"]
-    changed = {k for k, v in qmodel.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == {"up.weight", "down.weight"}  # biases, amax: untouched
+    changed = {k for k, v in qmodel.state_dict().items()
+               if k not in before or not torch.equal(v, before[k])}
+    stored = {"up.weight_quantizer.scale_amax", "down.weight_quantizer.scale_amax"}
+    # biases, amax: untouched; int4 (dynamic integer block scales) stores the scales it chose
+    assert changed == {"up.weight", "down.weight"} | (stored if recipe == "int4" else set())
     x = torch.cat(_batches(2, 7))
     with torch.no_grad():
         reference = mlp(x)
         error = (qmodel(x) - reference).square().mean()
         baseline = (nearest(x) - reference).square().mean()
     assert error < MODEL_GAIN[recipe] * baseline
-    for name in ("up", "down"):  # each stored weight is what its quantizer computes
+    for name in ("up", "down"):  # each stored weight is what its quantizer computes, and a
+        # fixed point of it (int4: GPTQ's stored scales; dynamic amax / 7.5 ones would move it)
         weight = qmodel.get_parameter(f"{name}.weight")
         quantizer = qmodel.get_submodule(f"{name}.weight_quantizer")
-        fmt = get_format(quantizer.spec.format)
-        if fmt.divisor == fmt.element.max_value:  # int4: the latent keeps each block's amax
-            torch.testing.assert_close(quantizer(quantizer(weight)), quantizer(weight), rtol=1e-6, atol=0)
-        else:
-            assert not torch.equal(quantizer(quantizer(weight)), quantizer(weight))
+        torch.testing.assert_close(quantizer(quantizer(weight)), quantizer(weight), rtol=1e-6, atol=0)
 
 
-def test_smoothed_sites_round_the_scaled_weight(mlp):
-    # SmoothQuant scales the weight's input channels (pre_scale): GPTQ must round W * s.
-    qmodel = qc.prepare(copy.deepcopy(mlp), "nvfp4", example_inputs=(_batches(1, 0)[0],))
+@pytest.mark.parametrize("recipe", ["nvfp4", "w4a8"])
+def test_smoothed_sites_round_the_scaled_weight(mlp, recipe):
+    # SmoothQuant scales the weight's input channels (pre_scale): GPTQ must round W * s
+    # (w4a8: with the int4 scales GPTQ chose and stored, which apply to W * s).
+    qmodel = qc.prepare(copy.deepcopy(mlp), recipe, example_inputs=(_batches(1, 0)[0],))
     qc.smooth(qmodel, _batches(2, 1), alpha=0.5, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -216,12 +259,18 @@ def test_smoothed_sites_round_the_scaled_weight(mlp):
         baseline = (nearest(x) - mlp(x)).square().mean()
         assert error < 0.9 * baseline
         quantizer = qmodel.get_submodule("up.weight_quantizer")
-        rounded = quantizer(qmodel.get_parameter("up.weight"))
-    # calibrate's default stored searched block scales (#25): GPTQ rounded onto them
+        weight = qmodel.get_parameter("up.weight")
+        rounded = quantizer(weight)
+    # calibrate's default stored searched NVFP4 block scales, GPTQ's chosen int4 ones (#25):
+    # GPTQ rounded onto them
     assert quantizer.scale_amax is not None
-    reference = torch.from_numpy(ml_dtypes_fake_quantize(
-        rounded.numpy(), "nvfp4", block_amax=quantizer.scale_amax.numpy()))
-    torch.testing.assert_close(reference, rounded, rtol=1e-6, atol=0)
+    if recipe == "nvfp4":
+        reference = ml_dtypes_fake_quantize(rounded.numpy(), "nvfp4",
+                                            block_amax=quantizer.scale_amax.numpy())
+    else:
+        reference = ml_dtypes_fake_quantize((weight * quantizer.pre_scale).detach().numpy(),
+                                            "int4", amax=quantizer.scale_amax.numpy())
+    torch.testing.assert_close(torch.from_numpy(reference), rounded, rtol=1e-6, atol=0)
 
 
 def test_export_after_gptq_matches_onnxruntime(mlp, tmp_path):
@@ -238,6 +287,25 @@ def test_export_after_gptq_matches_onnxruntime(mlp, tmp_path):
     with torch.no_grad():
         expected = qmodel(x).numpy()
     np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-4)
+    report = qc.verify_onnx(qmodel, path, (x,))  # the stored int4 weights and scales: exact
+    weights = [row for row in report.rows if row.label.endswith("(weight)")]
+    assert len(weights) == 2 and all(row.difference == 0.0 and row.mismatches == 0
+                                     for row in weights), report.render()
+
+
+def test_save_and_load_keep_the_chosen_int4_scales(mlp, tmp_path):
+    qmodel = _prepared(mlp, "int4")
+    gptq(qmodel, _batches(4, 1), progress=False)
+    qc.save(tmp_path / "ckpt.pt", qmodel)
+    fresh = _prepared(mlp, "int4")
+    qc.load(tmp_path / "ckpt.pt", fresh)
+    x = _batches(1, 9)[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(x), qmodel(x))
+    for name in ("up", "down"):
+        stored = qmodel.get_submodule(f"{name}.weight_quantizer").scale_amax
+        assert stored is not None
+        assert torch.equal(fresh.get_submodule(f"{name}.weight_quantizer").scale_amax, stored)
 
 
 def test_bad_input_changes_nothing(mlp):
@@ -247,6 +315,8 @@ def test_bad_input_changes_nothing(mlp):
     before = {k: v.clone() for k, v in qmodel.state_dict().items()}
     with pytest.raises(ValueError, match="damp must be a positive number"):
         gptq(qmodel, _batches(1, 1), damp=0.0, progress=False)
+    with pytest.raises(TypeError, match="choose_scales must be True or False"):
+        gptq(qmodel, _batches(1, 1), choose_scales="yes", progress=False)
     with pytest.raises(ValueError, match="no batch reached"):
         gptq(qmodel, [], progress=False)
     uncalibrated = qc.prepare(copy.deepcopy(mlp), "int8", example_inputs=(_batches(1, 0)[0],))

@@ -494,14 +494,20 @@ def test_an_auto_recipe_exports_as_mixed_precision_and_round_trips(format, tmp_p
         assert torch.equal(loaded(ids).logits, qlm(ids).logits)
 
 
-@pytest.mark.parametrize(("recipe", "format"), [("int4", "compressed-tensors"),
-                                                ("nvfp4", "modelopt")])
-def test_searched_weight_scales_round_trip_exactly(recipe, format, tmp_path):
-    # calibrate(weight_scales="mse") stores each weight quantizer's scales: the serving
+@pytest.mark.parametrize(("recipe", "format", "search"), [
+    ("nvfp4", "modelopt", "mse"), ("int4", "compressed-tensors", "gptq")])
+def test_searched_weight_scales_round_trip_exactly(recipe, format, search, tmp_path):
+    # calibrate(weight_scales="mse"), and GPTQ on int4 (the same stored amax buffer as int4's
+    # search, with GPTQ's latent weights), store each weight quantizer's scales: the serving
     # checkpoint holds them packed (and in the sidecar), hf.save_quantized in the state dict.
     qlm = hf.prepare_causal_lm(_float_model(), RECIPES[recipe])
-    qc.calibrate(qlm, [{"input_ids": _ids(seed=s)} for s in range(2)], progress=False,
-                 weight_scales="mse")
+    data = [{"input_ids": _ids(seed=s)} for s in range(2)]
+    if search == "gptq":  # on the prepared graph (qc.gptq does not unwrap QuantizedCausalLM)
+        mask = torch.ones_like(_ids())
+        inputs = {"attention_mask": mask, "position_ids": mask.cumsum(-1) - 1, "use_cache": False}
+        qc.gptq(qlm.prepared, [{**batch, **inputs} for batch in data], progress=False)
+    else:
+        qc.calibrate(qlm, data, progress=False, weight_scales=search)
     stored = {n: q.scale_amax for n, q in qlm.prepared.named_modules()
               if isinstance(q, qc.Quantizer) and q.scale_amax is not None}
     assert len(stored) == 14
