@@ -47,10 +47,10 @@ from qcompile.demo.run import embed, fidelity, text_batches
 
 #: format -> variants measured (the first is the baseline of the "x before" column).
 VARIANTS = {
-    "int4": ("amax/7", "default", "mse", "output", "learned", "mse+learned"),
+    "int4": ("amax/7", "default", "mse", "output", "learned", "mse+learned", "frozen"),
     "w4a8": ("amax/7", "default", "mse", "output"),
-    "nvfp4": ("default", "mse", "4over6", "output", "learned", "mse+learned"),
-    "mxfp4": ("default", "mse", "4over6", "output", "learned", "mse+learned"),
+    "nvfp4": ("default", "mse", "4over6", "output", "learned", "mse+learned", "frozen"),
+    "mxfp4": ("default", "mse", "4over6", "output", "learned", "mse+learned", "frozen"),
     "int8": ("default", "amax/127.5", "mse"),
 }
 #: variant -> (format row name, scale_divisor) swapped for the run.
@@ -73,7 +73,7 @@ def _weights_seen(model, batch) -> dict:
     return seen
 
 
-def learn_block_scales(model, batch) -> dict:
+def learn_block_scales(model, batch, learn: bool = True) -> dict:
     """Prototype (#25): every weight quantizer's stored block scales (its own block amax where
     none was searched) become a trained parameter before QAD. Returns quantizer -> the
     starting amax."""
@@ -82,6 +82,8 @@ def learn_block_scales(model, batch) -> dict:
         if q.scale_amax is None:
             q.set_scale_amax(search_scale_amax(w, q, (1.0,)))
         start[q] = q.scale_amax.detach().clone()
+        if not learn:  # "frozen": the starting scales stored, not trained
+            continue
         amax = torch.nn.Parameter(q.scale_amax.clone())
         del q._buffers["scale_amax"]
         q.scale_amax = amax
@@ -157,7 +159,8 @@ def run_gpt(args) -> list[dict]:
                     row["GPTQ"] = loss(gptq)
                 if args.qad_steps and gptq is not None and fmt != "int8":
                     qad = copy.deepcopy(gptq)
-                    start = learn_block_scales(qad, inputs[0]) if "learned" in variant else None
+                    start = (learn_block_scales(qad, inputs[0], variant != "frozen")
+                             if variant.endswith(("learned", "frozen")) else None)
                     distiller = qc.Distiller(copy.deepcopy(model), qad, temperature=1.0)
                     qc.train(qad, [w[:, :-1] for w in qad_data], steps=args.qad_steps,
                              lr=args.lr, distiller=distiller, progress=False)
@@ -194,8 +197,8 @@ def run_minilm(args) -> list[dict]:
                     row["GPTQ"] = gap(gptq)
                 if args.qad_steps and gptq is not None and fmt != "int8":
                     qad = copy.deepcopy(gptq)
-                    start = (learn_block_scales(qad, calibration[0]) if "learned" in variant
-                             else None)
+                    start = (learn_block_scales(qad, calibration[0], variant != "frozen")
+                             if variant.endswith(("learned", "frozen")) else None)
                     distiller = qc.Distiller(copy.deepcopy(model), qad, loss="cosine")
                     qc.train(qad, batches[8:], steps=args.qad_steps, lr=args.minilm_lr,
                              distiller=distiller, progress=False)
