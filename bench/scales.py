@@ -37,7 +37,7 @@ from accuracy import NextByteLoss, float_gpt
 from results import write_section
 
 import qcompile as qc
-from qcompile.core import formats, numerics
+from qcompile.core import formats
 from qcompile.core.calls import call_with_batch
 from qcompile.algorithms.weight_scales import search_scale_amax
 from qcompile.core.kernels import cpu
@@ -47,64 +47,32 @@ from qcompile.demo.run import embed, fidelity, text_batches
 
 #: format -> variants measured (the first is the baseline of the "x before" column).
 VARIANTS = {
-    "int4": ("amax/7", "default", "mse", "output", "learned", "mse+learned", "frozen"),
+    "int4": ("amax/7", "default", "mse", "output", "frozen"),
     "w4a8": ("amax/7", "default", "mse", "output"),
-    "nvfp4": ("default", "mse", "4over6", "output", "learned", "mse+learned", "frozen"),
-    "mxfp4": ("default", "mse", "4over6", "output", "learned", "mse+learned", "frozen"),
+    "nvfp4": ("default", "mse", "4over6", "output", "frozen"),
+    "mxfp4": ("default", "mse", "4over6", "output", "frozen"),
     "int8": ("default", "amax/127.5", "mse"),
 }
 #: variant -> (format row name, scale_divisor) swapped for the run.
 DIVISORS = {"amax/7": ("int4", None), "amax/127.5": ("int8", 127.5)}
-SEARCH = {"mse": "mse", "4over6": "four_over_six", "output": "output", "mse+learned": "mse"}
+SEARCH = {"mse": "mse", "4over6": "four_over_six", "output": "output"}
 
 
-def _weights_seen(model, batch) -> dict:
-    """Enabled weight quantizer -> the tensor it quantizes (one call on `batch`)."""
+def store_own_scales(model, batch) -> None:
+    """"frozen": each weight quantizer without stored scales stores its weight's own (block)
+    amax before QAD, so QAD trains the weights under fixed scales instead of scales that
+    follow each block's max (#25; learned block scales were measured and rejected)."""
     quantizers = [e.quantizer for e in site_quantizers(model)
-                  if e.role == "weight" and e.quantizer.enabled]
-    seen, handles = {}, []
-    for q in quantizers:
-        handles.append(q.register_forward_pre_hook(
-            lambda m, inputs: seen.setdefault(m, inputs[0].detach())))
+                  if e.role == "weight" and e.quantizer.enabled and e.quantizer.scale_amax is None]
+    seen = {}
+    handles = [q.register_forward_pre_hook(lambda m, i: seen.setdefault(m, i[0].detach()))
+               for q in quantizers]
     with torch.no_grad():
         call_with_batch(model.eval(), batch)
     for h in handles:
         h.remove()
-    return seen
-
-
-def learn_block_scales(model, batch, learn: bool = True) -> dict:
-    """Prototype (#25): every weight quantizer's stored block scales (its own block amax where
-    none was searched) become a trained parameter before QAD. Returns quantizer -> the
-    starting amax."""
-    start = {}
-    for q, w in _weights_seen(model, batch).items():
-        if q.scale_amax is None:
-            q.set_scale_amax(search_scale_amax(w, q, (1.0,)))
-        start[q] = q.scale_amax.detach().clone()
-        if not learn:  # "frozen": the starting scales stored, not trained
-            continue
-        amax = torch.nn.Parameter(q.scale_amax.clone())
-        del q._buffers["scale_amax"]
-        q.scale_amax = amax
-    return start
-
-
-def scales_moved(model, batch, start: dict) -> dict:
-    """How far QAD moved the learned amax: mean |change| / start, and the share of block
-    scales (as the format rounds them, on the trained weight) that differ from the start's."""
-    relative, changed, total = [], 0, 0
-    for q, w in _weights_seen(model, batch).items():
-        a0, a1 = start[q], q.scale_amax.detach()
-        relative.append(((a1 - a0).abs() / a0.clamp(min=1e-12)).mean())
-        fmt = formats.get_format(q.spec.format)
-        block = fmt.resolve_block_size(q.spec.block_size)
-        global_amax = None if not q.calibrated else q.amax.detach()
-        scale = [numerics.quantize(w.float(), global_amax, fmt, block, a.unsqueeze(-1))[1].scale
-                 if fmt.scale is not formats.ScaleKind.FP32 else a for a in (a0, a1)]
-        changed += int((scale[0] != scale[1]).sum())
-        total += scale[0].numel()
-    return {"amax moved": float(torch.stack(relative).mean()), "scales changed": changed / total}
+    for q, w in seen.items():
+        q.set_scale_amax(search_scale_amax(w, q, (1.0,)))
 
 
 @contextlib.contextmanager
@@ -159,14 +127,12 @@ def run_gpt(args) -> list[dict]:
                     row["GPTQ"] = loss(gptq)
                 if args.qad_steps and gptq is not None and fmt != "int8":
                     qad = copy.deepcopy(gptq)
-                    start = (learn_block_scales(qad, inputs[0], variant != "frozen")
-                             if variant.endswith(("learned", "frozen")) else None)
+                    if variant == "frozen":
+                        store_own_scales(qad, inputs[0])
                     distiller = qc.Distiller(copy.deepcopy(model), qad, temperature=1.0)
                     qc.train(qad, [w[:, :-1] for w in qad_data], steps=args.qad_steps,
                              lr=args.lr, distiller=distiller, progress=False)
                     row["QAD"] = loss(qad)
-                    if start:
-                        row.update(scales_moved(qad, inputs[0], start))
             row["seconds"] = time.perf_counter() - started
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -197,14 +163,12 @@ def run_minilm(args) -> list[dict]:
                     row["GPTQ"] = gap(gptq)
                 if args.qad_steps and gptq is not None and fmt != "int8":
                     qad = copy.deepcopy(gptq)
-                    start = (learn_block_scales(qad, calibration[0], variant != "frozen")
-                             if variant.endswith(("learned", "frozen")) else None)
+                    if variant == "frozen":
+                        store_own_scales(qad, calibration[0])
                     distiller = qc.Distiller(copy.deepcopy(model), qad, loss="cosine")
                     qc.train(qad, batches[8:], steps=args.qad_steps, lr=args.minilm_lr,
                              distiller=distiller, progress=False)
                     row["QAD"] = gap(qad)
-                    if start:
-                        row.update(scales_moved(qad, calibration[0], start))
             row["seconds"] = time.perf_counter() - started
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -302,26 +302,3 @@ def amax_gradient(
     d = torch.where(torch.isnan(v), torch.zeros_like(v), d)
     contribution = to_blocks(grad.float(), block_size) * d
     return contribution.sum_to_size(amax.shape).to(amax.dtype)
-
-
-def block_amax_gradient(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    amax: torch.Tensor | None,
-    fmt: QuantFormat,
-    block_size: int,
-    block_amax: torch.Tensor,
-) -> torch.Tensor:
-    """LSQ-style gradient of fake_quantize with respect to stored block amax (NVFP4's E4M3,
-    MX formats' E8M0 block scales): with v = x / scale, dy/dscale is round(v) - v inside
-    the element range and the saturated value outside; the block scale's rounding (E4M3, or
-    E8M0's power of two) is passed straight through, so dscale/dblock_amax = 1 / max.
-    Summed over each block, shaped as `block_amax`."""
-    element = fmt.element
-    values, scales = quantize(x, amax, fmt, block_size, block_amax)
-    v = to_blocks(x.float(), block_size) / _safe_divisor(scales.scale)
-    inside = (v >= element.min_value) & (v <= element.max_value)
-    d = torch.where(inside, values - v, values) / element.max_value
-    d = torch.where(torch.isnan(v), torch.zeros_like(v), d)
-    contribution = to_blocks(grad.float(), block_size) * d
-    return contribution.sum(dim=-1, keepdim=True).sum_to_size(block_amax.shape).to(block_amax.dtype)

@@ -284,23 +284,13 @@ class _StoredBlockScales(torch.autograd.Function):
     def forward(ctx, x, amax, block_amax, format: str, block_size: int):
         fmt = get_format(format)
         y = numerics.fake_quantize(x, amax, fmt, block_size, block_amax)
-        ctx.format, ctx.block_size = fmt, block_size
-        if block_amax.requires_grad:  # learned block scales: the LSQ gradient needs x
-            ctx.save_for_backward(numerics.ste_keep(x, block_amax, fmt, block_size), x, amax,
-                                  block_amax)
-        else:
-            ctx.save_for_backward(numerics.ste_keep(x, block_amax, fmt, block_size))
+        ctx.save_for_backward(numerics.ste_keep(x, block_amax, fmt, block_size))
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        keep, *rest = ctx.saved_tensors
-        grad_block = None
-        if rest and ctx.needs_input_grad[2]:
-            x, amax, block_amax = rest
-            grad_block = numerics.block_amax_gradient(grad, x, amax, ctx.format, ctx.block_size,
-                                                      block_amax)
-        return numerics.masked_gradient(grad, keep).to(grad.dtype), None, grad_block, None, None
+        (keep,) = ctx.saved_tensors
+        return numerics.masked_gradient(grad, keep).to(grad.dtype), None, None, None, None
 
 
 #: Key of a quantizer's entry in its state-dict metadata: {"spec": {...}, "enabled": bool}.
