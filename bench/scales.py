@@ -6,7 +6,13 @@ GPTQ-rounded and evaluated (GPTQ), then distilled from the float model for `--qa
 
 - `amax/7`: int4 weights with the scale rule before #25 (scale = amax / 7; the format row
   swapped for the run, so every kernel computes it), `amax/127.5` the same for int8;
-- `default`: the library's defaults (int4: amax / 7.5);
+- `default`: the library's defaults (int4: amax / 7.5; NVFP4 weights: the `mse` search,
+  `qc.calibrate`'s `weight_scales="auto"`);
+- `own`: no search (`weight_scales=None`: every scale from the weight's own max), NVFP4's
+  default before it searched;
+- `frozen`: no search; before QAD each weight stores its own (block) scales
+  (`Quantizer.scale_amax`), so QAD trains the weights under fixed scales instead of scales
+  that follow each block's max;
 - `mse`: `qc.calibrate(..., weight_scales="mse")` (clipping ratio per block/channel/tensor by
   weight MSE; NVFP4/MXFP4 also the block max mapped to 4);
 - `4over6`: `weight_scales="four_over_six"` (NVFP4/MXFP4: per block, max mapped to 6 or 4);
@@ -37,25 +43,26 @@ from accuracy import NextByteLoss, float_gpt
 from results import write_section
 
 import qcompile as qc
+from qcompile.algorithms.weight_scales import search_scale_amax
 from qcompile.core import formats
 from qcompile.core.calls import call_with_batch
-from qcompile.algorithms.weight_scales import search_scale_amax
 from qcompile.core.kernels import cpu
-from qcompile.passes.sites import site_quantizers
 from qcompile.demo import char_gpt, corpus, minilm
 from qcompile.demo.run import embed, fidelity, text_batches
+from qcompile.passes.sites import site_quantizers
 
 #: format -> variants measured (the first is the baseline of the "x before" column).
 VARIANTS = {
     "int4": ("amax/7", "default", "mse", "output", "frozen"),
     "w4a8": ("amax/7", "default", "mse", "output"),
-    "nvfp4": ("default", "mse", "4over6", "output", "frozen"),
+    "nvfp4": ("own", "default", "4over6", "output", "frozen"),
     "mxfp4": ("default", "mse", "4over6", "output", "frozen"),
     "int8": ("default", "amax/127.5", "mse"),
+    "fp8": ("default", "mse"),
 }
 #: variant -> (format row name, scale_divisor) swapped for the run.
 DIVISORS = {"amax/7": ("int4", None), "amax/127.5": ("int8", 127.5)}
-SEARCH = {"mse": "mse", "4over6": "four_over_six", "output": "output"}
+SEARCH = {"default": "auto", "mse": "mse", "4over6": "four_over_six", "output": "output"}
 
 
 def store_own_scales(model, batch) -> None:
