@@ -14,6 +14,9 @@ GPTQ-rounded and evaluated (GPTQ), then distilled from the float model for `--qa
 - `pinned`: int4 as `default`, but GPTQ keeps the weight's own dynamic scales
   (`qc.gptq(..., choose_scales=False)`: each block's max held at its value), as before the
   GPTQ fix of #25; `amax/7` runs GPTQ that way too (the rule before #25, all of it);
+- `frozen`: no search; before QAD each weight stores its own (block) scales
+  (`Quantizer.scale_amax`), so QAD trains the weights under fixed scales instead of scales
+  that follow each block's max;
 - `mse`: `qc.calibrate(..., weight_scales="mse")` (clipping ratio per block/channel/tensor by
   weight MSE; NVFP4/MXFP4 also the block max mapped to 4);
 - `4over6`: `weight_scales="four_over_six"` (NVFP4/MXFP4: per block, max mapped to 6 or 4);
@@ -44,17 +47,20 @@ from accuracy import float_gpt
 from results import write_section
 
 import qcompile as qc
+from qcompile.algorithms.weight_scales import search_scale_amax
 from qcompile.core import formats
+from qcompile.core.calls import call_with_batch
 from qcompile.core.kernels import cpu
 from qcompile.demo import char_gpt, corpus, minilm
 from qcompile.demo.run import BATCH_SIZE, embed, fidelity, text_batches
+from qcompile.passes.sites import site_quantizers
 
 #: format -> variants measured (the first is the baseline of the "x before" column).
 VARIANTS = {
-    "int4": ("amax/7", "pinned", "default", "mse", "output"),
+    "int4": ("amax/7", "pinned", "default", "mse", "output", "frozen"),
     "w4a8": ("amax/7", "pinned", "default", "mse", "output"),
-    "nvfp4": ("own", "default", "4over6", "output"),
-    "mxfp4": ("default", "mse", "4over6", "output"),
+    "nvfp4": ("own", "default", "4over6", "output", "frozen"),
+    "mxfp4": ("default", "mse", "4over6", "output", "frozen"),
     "int8": ("default", "amax/127.5", "mse"),
     "fp8": ("default", "mse"),
 }
@@ -63,6 +69,23 @@ DIVISORS = {"amax/7": ("int4", None), "amax/127.5": ("int8", 127.5)}
 SEARCH = {"default": "auto", "mse": "mse", "4over6": "four_over_six", "output": "output"}
 #: variant -> qc.gptq keyword arguments (the others: the defaults).
 GPTQ_OPTIONS = {"amax/7": {"choose_scales": False}, "pinned": {"choose_scales": False}}
+
+
+def store_own_scales(model, batch) -> None:
+    """"frozen": each weight quantizer without stored scales stores its weight's own (block)
+    amax before QAD, so QAD trains the weights under fixed scales instead of scales that
+    follow each block's max (#25; learned block scales were measured and rejected)."""
+    quantizers = [e.quantizer for e in site_quantizers(model)
+                  if e.role == "weight" and e.quantizer.enabled and e.quantizer.scale_amax is None]
+    seen = {}
+    handles = [q.register_forward_pre_hook(lambda m, i: seen.setdefault(m, i[0].detach()))
+               for q in quantizers]
+    with torch.no_grad():
+        call_with_batch(model.eval(), batch)
+    for h in handles:
+        h.remove()
+    for q, w in seen.items():
+        q.set_scale_amax(search_scale_amax(w, q, (1.0,)))
 
 
 @contextlib.contextmanager
@@ -140,6 +163,8 @@ def run_gpt(args) -> list[dict]:
                 _gptq_cells(row, gptqs, loss)
                 if args.qad_steps and gptqs and fmt != "int8":
                     qad = copy.deepcopy(gptqs[0])
+                    if variant == "frozen":
+                        store_own_scales(qad, inputs[0])
                     distiller = qc.Distiller(copy.deepcopy(model), qad, temperature=1.0)
                     qc.train(qad, [w[:, :-1] for w in qad_data], steps=args.qad_steps,
                              lr=args.lr, distiller=distiller, progress=False)
@@ -174,6 +199,8 @@ def run_minilm(args) -> list[dict]:
                 _gptq_cells(row, gptqs, gap)
                 if args.qad_steps and gptqs and fmt != "int8":
                     qad = copy.deepcopy(gptqs[0])
+                    if variant == "frozen":
+                        store_own_scales(qad, calibration[0])
                     distiller = qc.Distiller(copy.deepcopy(model), qad, loss="cosine")
                     qc.train(qad, batches[8:], steps=args.qad_steps, lr=args.minilm_lr,
                              distiller=distiller, progress=False)
