@@ -171,7 +171,11 @@ def _targets(model: nn.Module) -> list[_Target]:
     model itself, or each block of a block-wise prepared model)."""
     graphs = prepared_graphs(model)
     if not graphs:
-        raise ValueError("gptq needs a model prepared by qcompile.prepare (it reads its sites)")
+        wrapped = prepared_graphs(getattr(model, "prepared", None) or nn.Module())
+        hint = (f"; {type(model).__name__} wraps one: pass its .prepared (the same weights)"
+                if wrapped else "")
+        raise ValueError(
+            f"gptq needs a model prepared by qcompile.prepare (it reads its sites){hint}")
     targets = []
     for prefix, gm in graphs:
         for target in _graph_targets(gm):

@@ -313,6 +313,10 @@ def test_bad_input_changes_nothing(mlp):
         gptq(mlp, _batches(1, 1), progress=False)
     qmodel = _prepared(mlp, "int4")
     before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    wrapper = nn.Module()  # as hf.QuantizedCausalLM holds its prepared graph
+    wrapper.prepared = qmodel
+    with pytest.raises(ValueError, match=r"Module wraps one: pass its \.prepared"):
+        gptq(wrapper, _batches(1, 1), progress=False)
     with pytest.raises(ValueError, match="damp must be a positive number"):
         gptq(qmodel, _batches(1, 1), damp=0.0, progress=False)
     with pytest.raises(TypeError, match="choose_scales must be True or False"):
