@@ -164,7 +164,8 @@ def train_step(workload: Workload, model: nn.Module, call: Callable) -> Callable
     return step
 
 
-def qcompile_variants(workload: Workload, recipes, kernel_lowering) -> list[Variant]:
+def qcompile_variants(workload: Workload, recipes, kernel_lowering,
+                      own_weight_scales=False) -> list[Variant]:
     variants = []
     for recipe in recipes:
         model = qc.prepare(workload.build(), recipe, workload.args, workload.kwargs)
@@ -175,6 +176,17 @@ def qcompile_variants(workload: Workload, recipes, kernel_lowering) -> list[Vari
         compiled = torch.compile(model, backend="qcompile")
         variants.append(Variant(recipe, "compiled", "qcompile", train_step(workload, model, compiled),
                                 recipe=recipe))
+        stored = any(getattr(m, "scale_amax", None) is not None for m in model.modules())
+        if own_weight_scales and stored:  # calibrate's default searched (and stored) scales
+            model = qc.prepare(workload.build(), recipe, workload.args, workload.kwargs)
+            qc.calibrate(model, [workload.kwargs or workload.args], progress=False,
+                         weight_scales=None)
+            model.train()
+            name = f"{recipe} [own weight scales]"
+            variants.append(Variant(name, "eager", "qcompile", train_step(workload, model, model)))
+            compiled = torch.compile(model, backend="qcompile")
+            variants.append(Variant(name, "compiled", "qcompile",
+                                    train_step(workload, model, compiled)))
         if recipe in kernel_lowering:
             opaque = torch.compile(model, backend="qcompile", options={"lowering": "kernel"})
             variants.append(Variant(f"{recipe} [kernel lowering]", "compiled", "qcompile",
@@ -305,7 +317,8 @@ def run_workload(workload: Workload, args) -> list[Variant]:
     compiled_model = workload.build().train()
     variants.append(Variant("float (compiled)", "compiled", "float",
                             train_step(workload, compiled_model, torch.compile(compiled_model))))
-    variants += qcompile_variants(workload, args.recipes, [r for r in KERNEL_LOWERING if r in args.recipes])
+    variants += qcompile_variants(workload, args.recipes, [r for r in KERNEL_LOWERING if r in args.recipes],
+                                  args.own_weight_scales)
     if not args.no_peers:
         variants += torchao_variants(workload)
         variants += modelopt_variants(workload)
@@ -411,6 +424,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-peers", action="store_true", help="skip torchao and ModelOpt")
     parser.add_argument("--quick", action="store_true", help="tiny models and 2 rounds: a smoke run")
+    parser.add_argument("--own-weight-scales", action="store_true",
+                        help="beside each recipe whose calibration searched weight scales (nvfp4), "
+                             "the same recipe calibrated with weight_scales=None")
     parser.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     args = parser.parse_args()
     if args.quick:

@@ -6,7 +6,10 @@ GPTQ-rounded and evaluated (GPTQ), then distilled from the float model for `--qa
 
 - `amax/7`: int4 weights with the scale rule before #25 (scale = amax / 7; the format row
   swapped for the run, so every kernel computes it), `amax/127.5` the same for int8;
-- `default`: the library's defaults (int4: amax / 7.5);
+- `default`: the library's defaults (int4: amax / 7.5; NVFP4 weights: the `mse` search,
+  `qc.calibrate`'s `weight_scales="auto"`);
+- `own`: no search (`weight_scales=None`: every scale from the weight's own max), NVFP4's
+  default before it searched;
 - `mse`: `qc.calibrate(..., weight_scales="mse")` (clipping ratio per block/channel/tensor by
   weight MSE; NVFP4/MXFP4 also the block max mapped to 4);
 - `4over6`: `weight_scales="four_over_six"` (NVFP4/MXFP4: per block, max mapped to 6 or 4);
@@ -46,13 +49,14 @@ from qcompile.demo.run import embed, fidelity, text_batches
 VARIANTS = {
     "int4": ("amax/7", "default", "mse", "output"),
     "w4a8": ("amax/7", "default", "mse", "output"),
-    "nvfp4": ("default", "mse", "4over6", "output"),
+    "nvfp4": ("own", "default", "4over6", "output"),
     "mxfp4": ("default", "mse", "4over6", "output"),
     "int8": ("default", "amax/127.5", "mse"),
+    "fp8": ("default", "mse"),
 }
 #: variant -> (format row name, scale_divisor) swapped for the run.
 DIVISORS = {"amax/7": ("int4", None), "amax/127.5": ("int8", 127.5)}
-SEARCH = {"mse": "mse", "4over6": "four_over_six", "output": "output"}
+SEARCH = {"default": "auto", "mse": "mse", "4over6": "four_over_six", "output": "output"}
 
 
 @contextlib.contextmanager

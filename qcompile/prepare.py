@@ -205,10 +205,14 @@ def prepare(
     compute in float32 and return the model's dtype; their amax stays float32). A model on
     the meta device is captured without allocating weights; then
     `qmodel.to_empty(device=...)` and `qmodel.load_state_dict(float_state, strict=False)`
-    (the missing keys are the quantizers' amax) give it weights.
+    (the missing keys are the quantizers' amax) give it weights. Non-persistent buffers
+    (RoPE's `inv_freq`) are in no state dict: after `to_empty` they need their values again
+    (a Hugging Face model prepared block by block: `qmodel.initialize_weights()` before
+    `load_state_dict`); a `PrepareWarning` names them.
     """
     recipe = get_recipe(recipe)
     _check_not_prepared(model)
+    _warn_meta_buffers(model)
     if not example_inputs and not example_kwargs:
         raise ValueError(
             "prepare needs an example call to capture the model: write "
@@ -354,6 +358,23 @@ def _warn_fixed_small_dims(inputs: InputSignature) -> None:
             PrepareWarning,
             stacklevel=3,
         )
+
+
+def _warn_meta_buffers(model: nn.Module) -> None:
+    """Warn where non-persistent buffers are on the meta device: no state dict restores them,
+    so after `to_empty` they would hold uninitialised memory (silently wrong numbers)."""
+    names = [f"{path}.{name}" if path else name
+             for path, module in model.named_modules()
+             for name in module._non_persistent_buffers_set
+             if module._buffers.get(name) is not None and module._buffers[name].is_meta]
+    if names:
+        warnings.warn(
+            f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}: non-persistent "
+            f"buffer{'s' if len(names) > 1 else ''} on the meta device, which no state dict "
+            "holds: after qmodel.to_empty(...) give them their values before use (a Hugging "
+            "Face model prepared block by block: qmodel.initialize_weights() after to_empty, "
+            "then load_state_dict; or load them with the weights) or their uninitialised "
+            "memory gives wrong outputs", PrepareWarning, stacklevel=3)
 
 
 def _warn_nothing_quantized(model: nn.Module, sites: list[Site]) -> None:

@@ -20,7 +20,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from qcompile.algorithms.weight_scales import check_method, search_weight_scales
+from qcompile.algorithms.weight_scales import (
+    AUTO,
+    recorded_weights,
+    search_targets,
+    search_weight_scales,
+    store_searched_scales,
+)
 from qcompile.algorithms.data import (
     CalibrationData,
     CalibrationWarning,
@@ -69,7 +75,7 @@ def calibrate(
     percentile: float | None = None,
     num_batches: int | None = None,
     progress: bool = True,
-    weight_scales: str | None = None,
+    weight_scales: str | None = AUTO,
 ) -> nn.Module:
     """Calibrate the static amax of every enabled quantizer of `model` that needs one.
 
@@ -82,12 +88,17 @@ def calibrate(
         percentile: for method="percentile", in (0, 100]; default 99.99.
         num_batches: stop after this many batches of an iterable (per rank).
         progress: show a tqdm progress bar (on rank 0 only).
-        weight_scales: None (weight scales from the weights themselves, as the recipe says),
-            or a search whose scales the weight quantizers then store
+        weight_scales: how weight scales are chosen. "auto" (default): NVFP4 weights get
+            the "mse" search (it lowered the loss in every measured PTQ, GPTQ and QAD row),
+            every other format derives its scales from the weights themselves. None: no
+            search. Or one search for every weight format
             (`qcompile.algorithms.weight_scales.search_weight_scales`): "mse" (clipping ratio
             per block/channel/tensor, and NVFP4/MXFP4 blocks' max mapped to 4 or 6), "output"
             (the same, errors weighed by the inputs' mean square per column) or
-            "four_over_six" (NVFP4/MXFP4 only). Measured in bench/RESULTS.md (#25).
+            "four_over_six" (NVFP4/MXFP4 only). Searched scales are stored in the weight
+            quantizers (`Quantizer.scale_amax`), exported and checkpointed exactly, and stay
+            fixed while the weights train; calibrate again after training to refit them.
+            Measured in bench/RESULTS.md (#25).
 
     Runs in eval mode under `torch.no_grad()` and restores every module's train/eval mode.
     On error no amax changes and no observer stays attached. Returns `model`.
@@ -105,8 +116,7 @@ def calibrate(
     its activations (its weight scales come from its own weights) and a `CalibrationWarning`.
     """
     observer_class = get_observer_class(method)
-    if weight_scales is not None:
-        check_method(weight_scales)
+    searches = search_targets(model, weight_scales) if weight_scales is not None else {}
     options = {}
     if percentile is not None:
         if method != "percentile":
@@ -140,10 +150,10 @@ def calibrate(
     if not targets:
         formats = ", ".join(sorted({q.spec.format for _, q in quantizers if q.enabled}))
         reason = f"{formats} use dynamic scales" if formats else "all quantizers are disabled"
-        if weight_scales is None:
-            warnings.warn(f"no calibration needed: {reason}", CalibrationWarning, stacklevel=2)
-        else:
+        if searches:
             search_weight_scales(model, data, weight_scales, progress=progress)
+        else:
+            warnings.warn(f"no calibration needed: {reason}", CalibrationWarning, stacklevel=2)
         return model
 
     wrapper = parallel_wrapper(model)
@@ -156,7 +166,8 @@ def calibrate(
     observers = {q: MaxObserver(q.spec, name) if id(q) in fused_weights
                  else observer_class(q.spec, name, **options) for name, q in targets}
     labelled = [(name, observers[q]) for name, q in targets]
-    with merged_across_ranks(labelled), eval_mode(model), _attached(observers):
+    with (merged_across_ranks(labelled), eval_mode(model), _attached(observers),
+          recorded_weights(searches) as weights):
         run_data(model, data, num_batches, progress and is_main_process())
 
     amaxes = {q: obs.compute_amax() for q, obs in observers.items() if obs.num_batches}
@@ -172,8 +183,9 @@ def calibrate(
     for quantizer, amax in amaxes.items():
         quantizer.set_amax(amax)
     tie_fused_ranges(model)
-    if weight_scales is not None:  # after the ranges: NVFP4's global amax may be static
-        search_weight_scales(model, data, weight_scales, progress=progress)
+    if searches:  # after the ranges: NVFP4's global amax may be static
+        store_searched_scales(model, data, searches, weights, num_batches=num_batches,
+                              progress=progress and is_main_process())
     return model
 
 

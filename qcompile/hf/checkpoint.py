@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,9 +264,11 @@ def read_checkpoint(
         options["dtype"] = getattr(torch, entry["dtype"])
     with torch.device("meta"):
         model = model_class._from_config(config, **options).eval()
-    prepared = prepare(model, recipe_from_dict(entry["recipe"]),
-                       example_kwargs=_example_kwargs(entry, torch.device("meta")),
-                       dynamic=entry["dynamic"], blocks=entry.get("blocks"))
+    with warnings.catch_warnings():  # the checkpoint stores the non-persistent buffers
+        warnings.filterwarnings("ignore", message=".*non-persistent buffer")
+        prepared = prepare(model, recipe_from_dict(entry["recipe"]),
+                           example_kwargs=_example_kwargs(entry, torch.device("meta")),
+                           dynamic=entry["dynamic"], blocks=entry.get("blocks"))
     rebuilt = [s.name for s in model_sites(prepared)]
     if sorted(rebuilt) != sorted(entry["sites"]):
         differ = sorted(set(rebuilt) ^ set(entry["sites"]))[:4]

@@ -365,3 +365,33 @@ def _family_check(name):
     calibrate_max(prepared, _family_inputs(kind))
     with torch.no_grad():
         assert _output(prepared(**other)).isfinite().all()
+
+
+def test_meta_device_llama_follows_the_documented_recipe_exactly():
+    # prepare on meta (block by block: the call keeps its KV cache), to_empty,
+    # initialize_weights (RoPE's non-persistent inv_freq, in no state dict), load_state_dict:
+    # the same numbers as preparing the real model.
+    import warnings
+
+    from qcompile.prepare import PrepareWarning
+
+    torch.manual_seed(0)
+    real = _llama("sdpa").eval()
+    inputs = {"input_ids": _inputs()["input_ids"]}  # a mask on meta cannot be read
+    with torch.device("meta"):
+        meta = _llama("sdpa").eval()
+    meta_inputs = {"input_ids": inputs["input_ids"].to("meta")}
+    with pytest.warns(PrepareWarning, match=r"model\.rotary_emb\.inv_freq.*initialize_weights"):
+        prepared = prepare(meta, RECIPES["int8"], example_kwargs=meta_inputs)
+    assert prepared.qcompile_blocks
+    prepared.to_empty(device="cpu")
+    prepared.initialize_weights()
+    result = prepared.load_state_dict(real.state_dict(), strict=False)
+    assert all(k.endswith("amax") for k in result.missing_keys), result.missing_keys
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = prepare(real, RECIPES["int8"], example_kwargs=inputs)
+    for model in (prepared, reference):
+        calibrate_max(model, inputs)
+    with torch.no_grad():
+        assert torch.equal(prepared(**inputs).logits, reference(**inputs).logits)
