@@ -60,7 +60,13 @@ def test_unknown_command_exits_with_usage():
 def test_demo_runs_the_pipeline_on_the_real_minilm(tmp_path, capsys):
     assert main(["demo", "--calibration-texts", "32", "--eval-texts", "64", "--qad-steps", "2",
                  "--output-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
+    # the table: one row per stage, its figures as results.json records them
+    assert "stage" in printed and "mean cos" in printed
+    for stage, figures in results.items():
+        if stage != "onnx":
+            assert f"{stage:16} {figures['mean_cosine']:9.4f}" in printed, stage
     assert set(results) == {"nvfp4 PTQ", "nvfp4 GPTQ", "nvfp4 QAD", "onnx"}
     assert 0.9 < results["nvfp4 PTQ"]["mean_cosine"] <= 1.0
     assert results["nvfp4 GPTQ"]["mean_cosine"] > results["nvfp4 PTQ"]["mean_cosine"]

@@ -69,9 +69,14 @@ def assert_close_but_one_rounding_flip(got: torch.Tensor, want: torch.Tensor) ->
         f"{int(rows.sum())} rows differ, e.g. {got[wrong][:4]} vs {want[wrong][:4]}")
 
 
+#: Every recipe on the attention block, whose graph holds the MLP's (fc1, gelu, fc2) too; the
+#: bare MLP once, for a quantized Linear fed straight by the graph's input.
+MODEL_CASES = [(AttentionBlock, recipe) for recipe in RECIPES] + [(MLP, "int8")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("model_class", [MLP, AttentionBlock])
+@pytest.mark.parametrize(("model_class", "recipe"), MODEL_CASES,
+                         ids=[f"{m.__name__}-{r}" for m, r in MODEL_CASES])
 def test_compiled_unprepared_model_equals_prepared_eager(model_class, recipe):
     torch.manual_seed(0)
     model = model_class().eval()

@@ -17,7 +17,12 @@ import qcompile as qc
 from qcompile.core.kernels import cpu
 from qcompile.core.quantizer import Quantizer
 
-RECIPES = ["int8", "fp8", "nvfp4", "mxfp4", "mxfp8", "int4", "w4a8", "int8+learn_scales"]
+#: One recipe per quantizer path under compile: static per-tensor input with dynamic
+#: per-channel (int8) or per-tensor (fp8) weights, two-level blocks (nvfp4), MX blocks (mxfp4;
+#: mxfp8 differs only in the element, an argument of the same op, and compiles in
+#: test_compile_backend and test_compile_recipe), weight-only blocks (int4), int4 weights with
+#: fp8 inputs (w4a8), learned amax parameters (int8+learn_scales).
+RECIPES = ["int8", "fp8", "nvfp4", "mxfp4", "int4", "w4a8", "int8+learn_scales"]
 
 
 class Block(nn.Module):

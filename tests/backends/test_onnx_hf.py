@@ -174,10 +174,10 @@ def _minilm_available() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _minilm_available(), reason="MiniLM weights not installed")
-def test_minilm_int4_in_onnxruntime_at_other_batch_and_length(tmp_path):
+def test_minilm_int4_in_onnxruntime_at_other_batch_and_length(tmp_path, minilm_encoder):
     from qcompile.demo import corpus, minilm
 
-    model, tokenizer = minilm.load()
+    model, tokenizer = minilm_encoder
     texts = corpus.docstrings("val", limit=10)
     example = minilm.tokenize(tokenizer, texts[:4], 32)
     prepared = qcompile.prepare(model, "int4", example_kwargs=example).eval()
@@ -198,7 +198,7 @@ def test_minilm_int4_in_onnxruntime_at_other_batch_and_length(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _minilm_available(), reason="MiniLM weights not installed")
-def test_minilm_int8_per_quantizer_parity_and_default_session(tmp_path, caplog):
+def test_minilm_int8_per_quantizer_parity_and_default_session(tmp_path, caplog, minilm_encoder):
     """End to end, int8 MiniLM moves by rounding flips (module docstring); per quantizer the
     file matches exactly. onnxruntime's default session runs fused int8 kernels whose other
     accumulation order flips other elements: measured on 32 texts, mean embedding cosine
@@ -206,7 +206,7 @@ def test_minilm_int8_per_quantizer_parity_and_default_session(tmp_path, caplog):
     between the two, with verify_onnx exact (bench/RESULTS.md)."""
     from qcompile.demo import corpus, minilm
 
-    model, tokenizer = minilm.load()
+    model, tokenizer = minilm_encoder
     texts = corpus.docstrings("val", limit=12)
     example = minilm.tokenize(tokenizer, texts[:4], 24)
     prepared = qcompile.prepare(model, "int8", example_kwargs=example)
