@@ -7,8 +7,9 @@ block max to 4 instead of 6 ("four over six": an amax 1.5x the max) puts more va
 grid's fine end. This module owns the candidates and the criterion (squared error of the
 quantized weight, per scale); the arithmetic is `qcompile.core.numerics`', and the stored amax
 is quantizer state that export and checkpoints carry like any other (`qcompile.core.weights`).
-It knows nothing of graphs or files: it reads each weight quantizer's input in one pass of the
-data.
+It knows nothing of graphs or files: it reads each weight quantizer's input as the model runs
+(during `qcompile.calibrate`'s pass, `recorded_weights`, or a pass of its own). Which formats
+`calibrate` searches by default is `DEFAULT_SEARCHES`.
 """
 
 from __future__ import annotations
