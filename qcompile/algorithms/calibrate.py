@@ -89,7 +89,7 @@ def calibrate(
         num_batches: stop after this many batches of an iterable (per rank).
         progress: show a tqdm progress bar (on rank 0 only).
         weight_scales: how weight scales are chosen. "auto" (default): NVFP4 weights get
-            the "mse" search (it lowered the loss in every measured PTQ, GPTQ and QAD row)
+            the "mse" search (measured: MiniLM's loss lower after PTQ, GPTQ and QAD)
             unless they already store scales (GPTQ's, a checkpoint's, an earlier search's:
             calibrating again keeps them), every other format derives its scales from the
             weights themselves. None: no search. Or one search for every weight format

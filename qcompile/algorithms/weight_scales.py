@@ -31,8 +31,9 @@ from qcompile.passes.sites import site_quantizers
 #: What `search_weight_scales` (and `calibrate(weight_scales=...)`) accepts.
 METHODS = ("mse", "output", "four_over_six")
 #: The default: per format, the search `calibrate` runs unless told otherwise (chosen by
-#: measurement, bench/RESULTS.md #25: for NVFP4 "mse" lowered the loss in every PTQ, GPTQ and
-#: QAD row on both models; for the other formats no search was better everywhere).
+#: measurement, bench/RESULTS.md #25: for NVFP4 "mse" lowered MiniLM's loss after PTQ, GPTQ
+#: and QAD and char-GPT's after PTQ, the rest within noise; for the other formats no search
+#: was better everywhere).
 DEFAULT_SEARCHES: dict[str, str] = {"nvfp4": "mse"}
 AUTO = "auto"
 #: Elements of a weight searched at once (block scales): bounds the search's temporaries.
